@@ -1,0 +1,3 @@
+from gwcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""The gateway's request handler: (method, path) -> endpoint, errors, access log."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gwcore.accesslog import AccessLog
+from gwcore.auth import Authenticator
+from gwcore.errors import (GatewayError, InvalidRequest, MethodNotAllowed, NotFound,
+                           RequestTooLarge)
+from gwcore.pipeline import Outcome, Pipeline
+from gwcore.server.connection import Request, Responder
+
+JSON = [(b"content-type", b"application/json")]
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, bytes]]],
+                    Awaitable[None]]
+
+
+class Gateway:
+    def __init__(self, pipeline: Pipeline, auth: Authenticator, access_log: AccessLog,
+                 *, ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                 statistics: Callable[[], dict[str, Any]] | None = None) -> None:
+        from gwcore.api import openai, ops  # endpoint modules import this one's types
+
+        self.pipeline = pipeline
+        self.auth = auth
+        self.access_log = access_log
+        self.ready = ready
+        self.statistics = statistics
+        table: dict[tuple[str, str], Endpoint] = {
+            ("POST", "/v1/chat/completions"): openai.chat_completions,
+            ("POST", "/v1/embeddings"): openai.embeddings,
+            ("GET", "/v1/models"): openai.list_models,
+            ("GET", "/healthz"): ops.healthz,
+            ("GET", "/readyz"): ops.readyz,
+        }
+        # Also without the /v1 prefix, for clients whose base URL lacks it.
+        for (method, path), fn in list(table.items()):
+            if path.startswith("/v1/"):
+                table[(method, path[3:])] = fn
+        self.table = table
+        self.paths = {path for _, path in table}
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        rid = request.header(b"x-request-id")
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = b"req_" + os.urandom(12).hex().encode()
+        headers = [(b"x-request-id", rid)]
+        out = Outcome()
+        try:
+            endpoint = self.table.get((request.method, request.path))
+            if endpoint is None:
+                if request.path in self.paths:
+                    raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}.")
+                raise NotFound(f"Unknown route: {request.method} {request.path}.")
+            await endpoint(self, request, responder, out, headers)
+        except GatewayError as exc:
+            out.error_code = exc.code
+            if not responder.started:
+                await responder.send(exc.status, headers + JSON + _encode(exc.headers),
+                                     exc.openai_body())
+        finally:
+            if request.path not in ("/healthz", "/readyz"):
+                self._log(request, responder, out, rid)
+
+    def _log(self, request: Request, responder: Responder, out: Outcome, rid: bytes) -> None:
+        record: dict[str, Any] = {
+            "level": "info", "msg": "request", "request_id": rid.decode(),
+            "method": request.method, "path": request.path,
+            "status": responder.status or 499,  # 499: the client went away first
+            "latency_ms": round((time.perf_counter() - request.started_at) * 1000, 3),
+            "client": request.client, "bytes_out": responder.bytes_sent,
+        }
+        if out.model is not None:
+            record["model"] = out.model
+        if out.provider is not None:
+            record.update(provider=out.provider, upstream_model=out.upstream_model,
+                          attempts=out.attempts)
+        if out.usage is not None:
+            record.update(prompt_tokens=out.usage.prompt_tokens,
+                          completion_tokens=out.usage.completion_tokens)
+        if out.ttft_s is not None:
+            record["ttft_ms"] = round(out.ttft_s * 1000, 3)
+        if out.error_code is not None:
+            record["error"] = out.error_code
+        if out.extra:
+            record.update(out.extra)
+        self.access_log.record(record)
+
+
+def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers]
+
+
+_BY_STATUS: dict[int, type[GatewayError]] = {413: RequestTooLarge}
+
+
+def render_protocol_error(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The body for errors the server itself raises (400/413/431/500) in OpenAI format."""
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        exc: GatewayError = cls(message)
+    else:
+        exc = InvalidRequest(message, code="request_header_fields_too_large"
+                             if status == 431 else "invalid_http_request")
+        if status >= 500:
+            exc = GatewayError(message)
+        exc.status = status
+    return JSON, exc.openai_body()

@@ -1,0 +1,95 @@
+"""Composition root: config -> upstream clients -> pipeline -> server, in one nursery."""
+from __future__ import annotations
+
+import signal
+
+import trio
+
+import gwnative
+from gwcore import __version__
+from gwcore.accesslog import AccessLog, event
+from gwcore.api.routes import Gateway, render_protocol_error
+from gwcore.auth import Authenticator
+from gwcore.config import Config, ConfigError, is_loopback
+from gwcore.pipeline import Pipeline
+from gwcore.routing import Router
+from gwcore.server.connection import ServerLimits
+from gwcore.server.listener import Server, open_listeners
+from gwcore.upstream import Upstreams
+
+
+def check_bind_safety(cfg: Config) -> None:
+    """Refuse an open gateway on a non-loopback address unless --no-auth was given."""
+    has_keys = bool(cfg.api_keys or cfg.keys or cfg.master_key)
+    if not has_keys and not cfg.no_auth and not is_loopback(cfg.server.host):
+        raise ConfigError([
+            f"server.host: refusing to listen on {cfg.server.host} with no gateway keys "
+            "configured; set GATEWAY_API_KEYS or GATEWAY_MASTER_KEY, or pass --no-auth "
+            "to run an open gateway on purpose"])
+
+
+class App:
+    def __init__(self, cfg: Config, *, access_log: AccessLog | None = None) -> None:
+        check_bind_safety(cfg)
+        self.cfg = cfg
+        self.access_log = access_log or AccessLog(enabled=cfg.log.access_log)
+        self._stop = trio.Event()
+        self.server: Server | None = None
+        self.ports: list[int] = []
+
+    def shutdown(self) -> None:
+        """Begin a graceful drain (what SIGTERM/SIGINT do)."""
+        self._stop.set()
+
+    async def serve(self, listeners: list[trio.SocketListener] | None = None, *,
+                    task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        s = cfg.server
+        limits = ServerLimits(max_header_bytes=s.max_header_bytes,
+                              max_body_bytes=s.max_body_bytes,
+                              header_timeout_s=s.header_timeout_s,
+                              body_timeout_s=s.body_timeout_s,
+                              keepalive_timeout_s=s.keepalive_timeout_s)
+        async with Upstreams() as upstreams:
+            router = Router(cfg)
+            pipeline = Pipeline(router, upstreams, stream_keepalive_s=s.stream_keepalive_s)
+            auth = Authenticator(cfg)
+
+            async def ready() -> dict[str, str]:
+                return {"server": "draining" if server.draining else "ok"}
+
+            gateway = Gateway(pipeline, auth, self.access_log, ready=ready)
+            server = Server(gateway, limits, max_connections=s.max_connections,
+                            render_error=render_protocol_error)
+            self.server = server
+            if listeners is None:
+                listeners = await open_listeners(s.host, s.port, reuse_port=s.workers > 1)
+            self.ports = [lst.socket.getsockname()[1] for lst in listeners]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.access_log.run)
+                await nursery.start(server.serve, listeners)
+                event("listening", host=s.host, ports=self.ports, version=__version__,
+                      native=gwnative.ACTIVE, demo=cfg.demo, auth=auth.enabled)
+                task_status.started(self.ports)
+                await self._stop.wait()
+                event("draining", grace_s=s.shutdown_grace_s,
+                      connections=len(server.connections))
+                await server.drain(s.shutdown_grace_s)
+                nursery.cancel_scope.cancel()
+        event("stopped")
+
+
+async def run_until_signal(app: App) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return (exit code 0)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.serve)
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    event("signal", signal=signal.Signals(signum).name)
+                    app.shutdown()
+                    return
+
+            nursery.start_soon(on_signal)
+            await app._stop.wait()

@@ -1,0 +1,282 @@
+"""One trio task per client connection: read a request, run the handler, repeat.
+
+How this works: ``serve_connection`` loops over requests on one keep-alive connection.
+Reading a request runs under a single cancel scope whose deadline moves with the
+phase: the keep-alive idle timeout while nothing of the next request has arrived, the
+header timeout once its first byte is in (from the accept, for the first request), and
+the body timeout once the head is complete.  A client that misses a deadline is
+dropped; it holds only its own task, so others are never held up.
+
+While the handler runs, a watcher task keeps reading the socket.  It feeds pipelined
+bytes to h11 (which buffers them for the next cycle) and, on EOF, cancels the handler:
+a client that goes away mid-stream cancels the upstream request at once, even while no
+chunk is being written (``send_all`` would only notice on the next write).
+
+    phase          deadline                      on expiry / EOF
+    -----          --------                      ---------------
+    idle           keepalive_timeout_s           close quietly
+    head           header_timeout_s              close (slow client dropped)
+    body           body_timeout_s                close
+    handler        none (the handler's own)      EOF -> handler cancelled, close
+    draining       -                             idle connections close at once;
+                                                 in-flight ones finish, then close
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+import trio
+
+from gwcore.server.h1 import (CLOSED, END_OF_BODY, NEED_DATA, PAUSED, BodyChunk,
+                              H1Connection, ProtocolError, RequestHead)
+
+log = logging.getLogger("gwcore.server")
+
+RECEIVE_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class ServerLimits:
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
+
+
+class Request:
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client",
+                 "started_at", "_header_map")
+
+    def __init__(self, head: RequestHead, body: bytes, client: str) -> None:
+        self.method = head.method.decode("ascii", "replace")
+        self.target = head.target.decode("ascii", "replace")
+        path, _, query = self.target.partition("?")
+        self.path = path
+        self.query = query
+        self.headers = head.headers
+        self.body = body
+        self.client = client
+        self.started_at = time.perf_counter()
+        self._header_map: dict[bytes, bytes] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of a header (lowercase name); the last one wins when repeated."""
+        m = self._header_map
+        if m is None:
+            m = self._header_map = dict(self.headers)
+        return m.get(name)
+
+
+class ConnectionState(Protocol):
+    draining: bool
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]: ...
+
+
+Handler = Callable[[Request, "Responder"], Awaitable[None]]
+ErrorRenderer = Callable[[int, str], tuple[list[tuple[bytes, bytes]], bytes]]
+
+
+class Responder:
+    """Writes one response: whole (``send``) or streamed (``start_stream`` ...)."""
+
+    __slots__ = ("_stream", "_h1", "_state", "status", "bytes_sent")
+
+    def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState) -> None:
+        self._stream = stream
+        self._h1 = h1
+        self._state = state
+        self.status = 0
+        self.bytes_sent = 0
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def _headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        out = self._state.response_headers() + headers
+        if self._state.draining:
+            out.append((b"connection", b"close"))
+        return out
+
+    async def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        data = self._h1.response(status, self._headers(headers), body)
+        self.bytes_sent += len(body)
+        await self._stream.send_all(data)
+
+    async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        await self._stream.send_all(self._h1.response_head(status, self._headers(headers)))
+
+    async def send_chunk(self, data: bytes) -> None:
+        if data:
+            self.bytes_sent += len(data)
+            await self._stream.send_all(self._h1.response_body(data))
+
+    async def end_stream(self) -> None:
+        await self._stream.send_all(self._h1.response_end())
+
+
+class Connection:
+    """A connection's state as the listener sees it (for draining and statistics)."""
+
+    __slots__ = ("idle_scope", "busy")
+
+    def __init__(self) -> None:
+        self.idle_scope: trio.CancelScope | None = None
+        self.busy = False
+
+
+async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: ServerLimits,
+                           state: ConnectionState, conn: Connection,
+                           render_error: ErrorRenderer) -> None:
+    h1 = H1Connection(max_header_bytes=limits.max_header_bytes,
+                      max_body_bytes=limits.max_body_bytes)
+    client = _peer(stream)
+    try:
+        first = True
+        while True:
+            if state.draining and h1.idle:
+                return
+            try:
+                got = await _read_request(stream, h1, limits, conn, first)
+            except ProtocolError as exc:
+                headers, body = render_error(exc.status, exc.message)
+                data = h1.error_response(exc.status, state.response_headers() + headers, body)
+                if data:
+                    await _lingering_close(stream, data)
+                return
+            if got is None:
+                return
+            first = False
+            head, body = got
+            request = Request(head, body, client)
+            responder = Responder(stream, h1, state)
+            conn.busy = True
+            try:
+                finished = await _run_handler(stream, h1, handler, request, responder,
+                                              render_error)
+            finally:
+                conn.busy = False
+            if not finished or not h1.start_next_cycle():
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _read_request(stream: trio.SocketStream, h1: H1Connection, limits: ServerLimits,
+                        conn: Connection, first: bool) -> tuple[RequestHead, bytes] | None:
+    """The next request's head and body, or None when the connection should close."""
+    now = trio.current_time()
+    in_head = first or not h1.idle
+    deadline = now + (limits.header_timeout_s if in_head else limits.keepalive_timeout_s)
+    scope = trio.CancelScope(deadline=deadline)
+    head: RequestHead | None = None
+    chunks: list[bytes] = []
+    conn.idle_scope = scope if not in_head else None
+    with scope:
+        while True:
+            event = h1.next_event()
+            if event is NEED_DATA:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    if head is None and h1.idle:
+                        return None
+                    h1.receive_data(b"")
+                    continue
+                if not in_head:
+                    # First byte of this request: from now on the header timeout runs,
+                    # and a drain no longer counts this connection as idle.
+                    in_head = True
+                    conn.idle_scope = None
+                    scope.deadline = trio.current_time() + limits.header_timeout_s
+                h1.receive_data(data)
+            elif type(event) is RequestHead:
+                head = event
+                scope.deadline = trio.current_time() + limits.body_timeout_s
+            elif type(event) is BodyChunk:
+                chunks.append(event.data)  # type: ignore[union-attr]
+            elif event is END_OF_BODY:
+                conn.idle_scope = None
+                assert head is not None
+                return head, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            elif event is CLOSED or event is PAUSED:
+                return None
+            else:  # h11 emits nothing else to a server
+                return None
+    conn.idle_scope = None
+    return None  # a deadline passed, or a drain closed this idle connection
+
+
+# After an error answer the client may still be sending (a body we refused, a long
+# head).  Closing a socket with unread input makes the kernel send a reset, which can
+# destroy the answer before the client reads it; so, like nginx's lingering_close, shut
+# our side and read away what still comes, within bounds.
+LINGER_S = 1.0
+LINGER_BYTES = 1024 * 1024
+
+
+async def _lingering_close(stream: trio.SocketStream, data: bytes) -> None:
+    with trio.move_on_after(LINGER_S):
+        await stream.send_all(data)
+        await stream.send_eof()
+        drained = 0
+        while drained < LINGER_BYTES:
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                return
+            drained += len(chunk)
+
+
+async def _run_handler(stream: trio.SocketStream, h1: H1Connection, handler: Handler,
+                       request: Request, responder: Responder,
+                       render_error: ErrorRenderer) -> bool:
+    """Run the handler beside a watcher for client EOF.  True if the response completed."""
+    peer_gone = False
+
+    async def watch(cancel: trio.CancelScope) -> None:
+        nonlocal peer_gone
+        # Read what the client sends next: pipelined requests are buffered by h11; EOF
+        # (or a reset) means the client is gone and the handler's work is wasted.
+        while h1.buffered_bytes <= h1.max_header_bytes + h1.max_body_bytes:
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                peer_gone = True
+                cancel.cancel()
+                return
+            h1.receive_data(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        try:
+            await handler(request, responder)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            peer_gone = True
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path)
+            if not responder.started and not peer_gone:
+                headers, body = render_error(500, "Internal error in the gateway.")
+                headers = headers + [(b"connection", b"close")]
+                await responder.send(500, headers, body)
+            nursery.cancel_scope.cancel()
+            return False
+        nursery.cancel_scope.cancel()
+    return not peer_gone and h1.response_done
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except (OSError, AttributeError):
+        return ""
+    return addr[0] if isinstance(addr, tuple) else str(addr)

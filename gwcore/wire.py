@@ -1,0 +1,80 @@
+"""msgspec views of the few response fields the gateway reads, decoded without
+building the whole object tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = 0
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = 0
+
+
+class _OpenAIUsage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+
+class _UsageView(msgspec.Struct):
+    usage: _OpenAIUsage | None = None
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class _ErrorView(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_UsageView)
+_error_decoder = msgspec.json.Decoder(_ErrorView)
+
+
+def openai_usage(body: bytes | str) -> Usage | None:
+    """The ``usage`` of an OpenAI response or chunk, or None (also on bad JSON)."""
+    try:
+        u = _usage_decoder.decode(body).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if u is None:
+        return None
+    return Usage(
+        prompt_tokens=u.prompt_tokens or 0,
+        completion_tokens=u.completion_tokens or 0,
+        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0,
+        reasoning_tokens=(u.completion_tokens_details.reasoning_tokens or 0)
+        if u.completion_tokens_details else 0,
+    )
+
+
+def openai_error(body: bytes) -> _ErrorDetail | None:
+    try:
+        err = _error_decoder.decode(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(err, str):
+        return _ErrorDetail(message=err)
+    return err

@@ -1,0 +1,74 @@
+"""Shared fixtures: an in-process gateway on a free port, config helpers."""
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from gwcore.accesslog import AccessLog
+from gwcore.app import App
+from gwcore.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CapturedLog(AccessLog):
+    """The real access log, writing into memory so tests can read the lines."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        super().__init__(self.buffer, flush_s=0.05)
+
+    def lines(self) -> list[dict[str, Any]]:
+        self.flush()
+        return [orjson.loads(x) for x in self.buffer.getvalue().splitlines()]
+
+
+class RunningGateway:
+    def __init__(self, app: App, log: CapturedLog) -> None:
+        self.app = app
+        self.log = log
+        self.port = app.ports[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v1"
+        self.on_close: list[trio.abc.AsyncResource] = []
+
+
+def make_config(yaml_text: str | None = None, *, env: dict[str, str] | None = None,
+                tmp_path: Path | None = None, **overrides: Any) -> Config:
+    path = None
+    if yaml_text is not None:
+        assert tmp_path is not None
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml_text)
+    environ = {"GATEWAY_PORT": "0", **(env or {})}
+    return load_config(path, environ=environ, cwd=tmp_path or ROOT, overrides=overrides)
+
+
+@asynccontextmanager
+async def run_gateway(cfg: Config) -> AsyncIterator[RunningGateway]:
+    log = CapturedLog()
+    app = App(cfg, access_log=log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.serve)
+        gw = RunningGateway(app, log)
+        try:
+            yield gw
+        finally:
+            for resource in gw.on_close:
+                await trio.aclose_forcefully(resource)
+            app.shutdown()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Callable[..., Any]:
+    def factory(yaml_text: str | None = None, *, env: dict[str, str] | None = None,
+                **overrides: Any):
+        return run_gateway(make_config(yaml_text, env=env, tmp_path=tmp_path, **overrides))
+    return factory
