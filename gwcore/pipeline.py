@@ -176,6 +176,7 @@ class Pipeline:
                 try:
                     resp, ureq, dep = await self._open_stream(stack, body, route, out)
                     chunks = resp.chunks()
+                    stack.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
                     async for chunk in chunks:
                         first.append(_translate_openai(parser.feed(chunk), ureq, state))
                         if state.events:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -54,9 +54,11 @@ class UpstreamResponse:
             raise UpstreamError(f"The upstream response broke off: {type(exc).__name__}.") from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives.  Close the iterator (``aclose``) when done with it."""
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            async with aclosing(self._response.aiter_raw()) as raw:
+                async for chunk in raw:
+                    yield chunk
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout() from exc
         except httpx.HTTPError as exc:

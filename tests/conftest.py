@@ -29,6 +29,16 @@ class CapturedLog(AccessLog):
         self.flush()
         return [orjson.loads(x) for x in self.buffer.getvalue().splitlines()]
 
+    async def wait_for(self, count: int, path: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """The log lines for ``path`` once there are ``count`` of them (the line is written
+        after the response, so a client may finish first)."""
+        with trio.fail_after(timeout_s):
+            while True:
+                got = [r for r in self.lines() if r["path"] == path]
+                if len(got) >= count:
+                    return got
+                await trio.sleep(0.01)
+
 
 class RunningGateway:
     def __init__(self, app: App, log: CapturedLog) -> None:
