@@ -80,12 +80,10 @@ class _MockStream(httpx.AsyncByteStream):
 class MockTransport(httpx.AsyncBaseTransport):
     """Answers OpenAI-format requests with the deterministic ``mock`` provider."""
 
-    def __init__(self, base_url: str) -> None:
-        self.latency_s, self.tokens_per_s = mock.pacing(base_url)
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.latency_s:
-            await trio.sleep(self.latency_s)
+        latency_s, tokens_per_s = mock.pacing(str(request.url))
+        if latency_s:
+            await trio.sleep(latency_s)
         path = request.url.path
         created = int(time.time())
         if request.method == "GET" and path.endswith("/models"):
@@ -105,7 +103,7 @@ class MockTransport(httpx.AsyncBaseTransport):
         if path.endswith("/chat/completions"):
             if body.get("stream") is True:
                 parts = mock.chat_stream(body, model, created)
-                gap = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
+                gap = 1.0 / tokens_per_s if tokens_per_s else 0.0
                 return httpx.Response(200, stream=_MockStream(parts, gap),
                                       headers={"content-type": "text/event-stream"})
             return httpx.Response(200, content=mock.chat_completion(body, model, created),
@@ -137,7 +135,7 @@ class Upstreams:
         origin = f"{parts.scheme}://{parts.netloc}"
         client = self._clients.get(origin)
         if client is None:
-            transport = MockTransport(url) if parts.scheme == "mock" else None
+            transport = MockTransport() if parts.scheme == "mock" else None
             client = httpx.AsyncClient(limits=self._limits, transport=transport,
                                        follow_redirects=False, trust_env=True)
             self._clients[origin] = client

@@ -10,14 +10,16 @@ from typing import Any
 
 import orjson
 
-from gwcore.config import Deployment, ProviderCreds
+from gwcore.config import Deployment
 from gwcore.errors import GatewayError, UpstreamError, UpstreamStatus
 from gwcore.providers.base import UpstreamRequest
 from gwcore.wire import openai_error
 
 
-def base_url(dep: Deployment, creds: ProviderCreds, default: str) -> str:
-    return (dep.base_url or creds.base_url or default).rstrip("/")
+def join_url(base: str, path: str) -> str:
+    """``base`` + ``path``, keeping a query string of the base at the end."""
+    root, sep, query = base.partition("?")
+    return f"{root.rstrip('/')}{path}{sep}{query}"
 
 
 def _headers(api_key: str | None) -> list[tuple[str, str]]:
@@ -38,7 +40,7 @@ def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | 
             out["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
             injected = True
-    return UpstreamRequest("POST", f"{base}/chat/completions", _headers(api_key),
+    return UpstreamRequest("POST", join_url(base, "/chat/completions"), _headers(api_key),
                            orjson.dumps(out), stream=stream, injected_usage=injected)
 
 
@@ -46,11 +48,11 @@ def build_embeddings(body: dict[str, Any], dep: Deployment, base: str,
                      api_key: str | None) -> UpstreamRequest:
     out = dict(body)
     out["model"] = dep.model
-    return UpstreamRequest("POST", f"{base}/embeddings", _headers(api_key), orjson.dumps(out))
+    return UpstreamRequest("POST", join_url(base, "/embeddings"), _headers(api_key), orjson.dumps(out))
 
 
 def build_models(base: str, api_key: str | None) -> UpstreamRequest:
-    return UpstreamRequest("GET", f"{base}/models", _headers(api_key), b"")
+    return UpstreamRequest("GET", join_url(base, "/models"), _headers(api_key), b"")
 
 
 def is_usage_only_chunk(data: str) -> bool:
