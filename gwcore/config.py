@@ -6,7 +6,9 @@ file's values (the environment wins over the file; a ``.env`` file in the workin
 directory fills in variables the environment lacks).  The merged raw tree is checked
 against the struct types by ``_collect_errors`` so that *every* error is reported, each
 with its path (``models[0].deployments[1].weight``) or the variable it came from, and
-only then converted.  The gateway never starts half-configured: ``load_config`` either
+only then converted; cross-field checks (duplicate names, ports, placeholder secrets)
+run on the converted config, so they are reported once the shapes are right.  The
+gateway never starts half-configured: ``load_config`` either
 returns a frozen ``Config`` or raises ``ConfigError`` listing everything wrong.
 """
 from __future__ import annotations
@@ -184,7 +186,7 @@ ENV_MAP: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 SECRET_FIELDS = {"api_key", "key", "master_key", "api_keys"}
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]+):([^@]+)@")
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):([^@]+)@")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

@@ -13,10 +13,12 @@ Responses are framed by the ``response_*`` methods, which return bytes to send.
     any            malformed bytes          ProtocolError(400); the connection must close
     done           start_next_cycle()       True: idle again (keep-alive); False: close
 
-Checks beyond h11's (RFC 9112 section 6.1 lets a server reject these; smuggling
-defences want it): Content-Length together with Transfer-Encoding is a 400, and a head
-larger than ``max_header_bytes`` is a 431 even when it arrived in one piece (h11 only
-bounds *incomplete* heads).
+Checks beyond h11's (RFC 9112 sections 5.2 and 6.1 let a server reject these; smuggling
+defences want it): Content-Length together with Transfer-Encoding is a 400, obsolete
+line folding in the head is a 400 (h11 would unfold it), and a head larger than
+``max_header_bytes`` is a 431 even when it arrived in one piece (h11 only bounds
+*incomplete* heads).  To see folds, the raw bytes of the head being read are kept
+(bounded by ``max_header_bytes``) until the head is parsed.
 """
 from __future__ import annotations
 
@@ -77,9 +79,13 @@ class H1Connection:
         self.max_body_bytes = max_body_bytes
         self._body_bytes = 0
         self.requests = 0
+        self._head_bytes: bytearray | None = bytearray()  # None once this cycle's head is in
 
     # -- input --------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
+        head = self._head_bytes
+        if head is not None and len(head) <= self.max_header_bytes:
+            head += data
         self._h11.receive_data(data)
 
     @property
@@ -117,7 +123,7 @@ class H1Connection:
     def _head(self, event: h11.Request) -> RequestHead:
         self.requests += 1
         self._body_bytes = 0
-        headers = event.headers.raw_items()
+        headers = list(event.headers)  # (lowercased name, value)
         size = len(event.method) + len(event.target) + 12
         has_cl = has_te = False
         content_length = 0
@@ -132,9 +138,16 @@ class H1Connection:
             raise ProtocolError(431, "Request header fields too large.")
         if has_cl and has_te:
             raise ProtocolError(400, "Content-Length and Transfer-Encoding together are not allowed.")
+        raw = self._head_bytes
+        self._head_bytes = None
+        if raw is not None:
+            end = raw.find(b"\n\r\n")
+            region = raw if end < 0 else raw[:end]
+            if b"\n " in region or b"\n\t" in region:
+                raise ProtocolError(400, "Obsolete line folding in headers is not allowed.")
         if content_length > self.max_body_bytes:
             raise ProtocolError(413, "Request body too large.")
-        return RequestHead(bytes(event.method), bytes(event.target), list(headers),
+        return RequestHead(bytes(event.method), bytes(event.target), headers,
                            bytes(event.http_version))
 
     # -- output -------------------------------------------------------------------
@@ -186,4 +199,5 @@ class H1Connection:
         if not self.keep_alive:
             return False
         self._h11.start_next_cycle()
+        self._head_bytes = bytearray(self._h11.trailing_data[0][: self.max_header_bytes + 1])
         return True
