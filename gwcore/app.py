@@ -11,7 +11,9 @@ from gwcore.accesslog import AccessLog, event
 from gwcore.api.routes import Gateway, render_protocol_error
 from gwcore.auth import Authenticator
 from gwcore.config import Config, ConfigError, is_loopback
+from gwcore.cache import ResponseCache
 from gwcore.pipeline import Pipeline
+from gwcore.ratelimit import RateLimiter
 from gwcore.routing import Router
 from gwcore.server.connection import ServerLimits
 from gwcore.server.listener import Server, open_listeners
@@ -35,6 +37,7 @@ class App:
         self.access_log = access_log or AccessLog(enabled=cfg.log.access_log)
         self._stop = trio.Event()
         self.server: Server | None = None
+        self.gateway: Gateway | None = None
         self.ports: list[int] = []
 
     def shutdown(self) -> None:
@@ -58,7 +61,10 @@ class App:
             async def ready() -> dict[str, str]:
                 return {"server": "draining" if server.draining else "ok"}
 
-            gateway = Gateway(pipeline, auth, self.access_log, ready=ready)
+            limiter = RateLimiter(cfg)
+            cache = ResponseCache(cfg.cache)
+            gateway = Gateway(pipeline, auth, self.access_log, limiter, cache, ready=ready)
+            self.gateway = gateway
             server = Server(gateway, limits, max_connections=s.max_connections,
                             render_error=render_protocol_error)
             self.server = server
@@ -67,6 +73,7 @@ class App:
             self.ports = [lst.socket.getsockname()[1] for lst in listeners]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.access_log.run)
+                nursery.start_soon(_evict_idle_buckets, limiter)
                 await nursery.start(server.serve, listeners)
                 event("listening", host=s.host, ports=self.ports, version=__version__,
                       native=gwnative.ACTIVE, demo=cfg.demo, auth=auth.enabled)
@@ -77,6 +84,17 @@ class App:
                 await server.drain(s.shutdown_grace_s)
                 nursery.cancel_scope.cancel()
         event("stopped")
+
+
+# Full buckets are dropped once a minute: they equal absent ones, so memory follows the
+# keys active in the last window, not every key ever seen.
+EVICT_EVERY_S = 60.0
+
+
+async def _evict_idle_buckets(limiter: RateLimiter) -> None:
+    while True:
+        await trio.sleep(EVICT_EVERY_S)
+        limiter.evict_idle(trio.current_time())
 
 
 async def run_until_signal(app: App) -> None:

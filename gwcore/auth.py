@@ -21,6 +21,9 @@ class KeyInfo:
     name: str
     is_master: bool = False
     models: frozenset[str] | None = None  # None: every model
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -43,7 +46,8 @@ class Authenticator:
         for k in cfg.keys:
             d = digest(k.key)
             self._keys[d] = (d, KeyInfo(id=f"static-{d[:4].hex()}", name=k.name,
-                                        models=frozenset(k.models) if k.models is not None else None))
+                                        models=frozenset(k.models) if k.models is not None else None,
+                                        rpm=k.rpm, tpm=k.tpm, max_concurrency=k.max_concurrency))
         if cfg.master_key:
             d = digest(cfg.master_key)
             self._keys[d] = (d, KeyInfo(id="master", name="master", is_master=True))

@@ -82,7 +82,10 @@ class LimitSpec(_Base):
 
 
 class Limits(_Base):
+    # Per gateway key (each key has its own buckets).
     default: LimitSpec = LimitSpec(requests=1000, window_s=3600.0)
+    # Per model name, shared by every key that calls it.
+    models: dict[str, LimitSpec] = {}
 
 
 class CacheConfig(_Base):
@@ -97,8 +100,9 @@ class StaticKey(_Base):
     name: str
     models: list[str] | None = None
     budget_usd: float | None = None
-    rpm: int | None = None
-    tpm: int | None = None
+    rpm: int | None = None            # requests per minute, instead of limits.default
+    tpm: int | None = None            # tokens per minute, instead of limits.default
+    max_concurrency: int | None = None
 
 
 class Price(_Base):

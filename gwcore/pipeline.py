@@ -16,7 +16,7 @@ reporting any later failure as an SSE error event instead of an HTTP status.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,8 +142,12 @@ class Pipeline:
 
     # -- streaming ----------------------------------------------------------------
     async def stream(self, body: dict[str, Any], route: Route, responder: Any,
-                     out: Outcome, sse_headers: list[tuple[bytes, bytes]]) -> None:
-        """Stream a chat completion to ``responder`` (a server Responder)."""
+                     out: Outcome, sse_headers: list[tuple[bytes, bytes]],
+                     observe: Callable[[str], None] | None = None) -> None:
+        """Stream a chat completion to ``responder`` (a server Responder).
+
+        ``observe`` sees every upstream event's data (the cache assembles answers with it).
+        """
         committed = False
 
         async def commit(extra: list[tuple[bytes, bytes]]) -> None:
@@ -178,7 +182,7 @@ class Pipeline:
                     chunks = resp.chunks()
                     stack.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
                     async for chunk in chunks:
-                        first.append(_translate_openai(parser.feed(chunk), ureq, state))
+                        first.append(_translate_openai(parser.feed(chunk), ureq, state, observe))
                         if state.events:
                             break
                 except GatewayError as exc:
@@ -195,7 +199,7 @@ class Pipeline:
                     await responder.send_chunk(data)
                 assert chunks is not None and ureq is not None
                 async for chunk in chunks:
-                    data = _translate_openai(parser.feed(chunk), ureq, state)
+                    data = _translate_openai(parser.feed(chunk), ureq, state, observe)
                     if data:
                         await responder.send_chunk(data)
                 parser.close()
@@ -248,7 +252,8 @@ class Pipeline:
         raise last or UpstreamUnavailable()
 
 
-def _translate_openai(events: list[Any], ureq: UpstreamRequest, state: StreamState) -> bytes:
+def _translate_openai(events: list[Any], ureq: UpstreamRequest, state: StreamState,
+                      observe: Callable[[str], None] | None) -> bytes:
     """OpenAI passthrough: account usage, drop the usage chunk the gateway asked for."""
     if not events:
         return b""
@@ -256,6 +261,8 @@ def _translate_openai(events: list[Any], ureq: UpstreamRequest, state: StreamSta
     for ev in events:
         data = ev.data
         state.events += 1
+        if observe is not None:
+            observe(data)
         if data == "[DONE]":
             state.extra["done"] = True
         elif '"usage"' in data and '"usage":null' not in data:

@@ -1,15 +1,25 @@
-"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/embeddings, /v1/models."""
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/embeddings, /v1/models.
+
+Each call: authenticate -> parse -> model allowed? -> route -> rate limits (gwnative
+buckets) -> cache lookup (gwnative cache key) -> upstream -> cache store -> settle the
+token reservation with the real usage.
+"""
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import trio
 
+from gwcore.auth import KeyInfo
+from gwcore.cache import directives
 from gwcore.errors import InvalidRequest
 from gwcore.pipeline import Outcome, parse_json_body, require_model
 from gwcore.providers import mock
+from gwcore.providers.openai import StreamAssembler, completion_to_events
 from gwcore.server.connection import Request, Responder
+from gwcore.wire import Usage
 
 if TYPE_CHECKING:
     from gwcore.api.routes import Gateway
@@ -17,9 +27,10 @@ if TYPE_CHECKING:
 JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
        (b"x-accel-buffering", b"no")]
+NO_USAGE = Usage()
 
 
-def _authenticate(gw: "Gateway", request: Request, out: Outcome):  # -> KeyInfo
+def _authenticate(gw: "Gateway", request: Request, out: Outcome) -> KeyInfo:
     key = gw.auth.authenticate(request.header(b"authorization"))
     out.extra["key"] = key.name
     return key
@@ -40,12 +51,9 @@ async def chat_completions(gw: "Gateway", request: Request, responder: Responder
     if not isinstance(stream, bool) and stream is not None:
         raise InvalidRequest("'stream' must be a boolean.", code="invalid_type", param="stream")
     key.check_model(model)
-    route = gw.pipeline.route(model)
-    if stream:
-        await gw.pipeline.stream(body, route, responder, out, headers + SSE)
-        return
-    data, extra = await gw.pipeline.forward("chat", body, route, out)
-    await responder.send(200, headers + JSON + extra, data)
+    gw.pipeline.route(model)  # 404 before any limit is spent
+    await _with_limits(gw, request, responder, out, headers, key, model, body,
+                       "chat", bool(stream))
 
 
 async def embeddings(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
@@ -60,9 +68,66 @@ async def embeddings(gw: "Gateway", request: Request, responder: Responder, out:
                              code="invalid_type" if value is not None
                              else "missing_required_parameter", param="input")
     key.check_model(model)
+    gw.pipeline.route(model)  # 404 before any limit is spent
+    await _with_limits(gw, request, responder, out, headers, key, model, body,
+                       "embeddings", False)
+
+
+async def _with_limits(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
+                       headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
+                       body: dict[str, Any], kind: str, stream: bool) -> None:
+    adm = gw.limiter.admit(key, model, body, len(request.body), trio.current_time())
+    headers.extend(adm.headers)
+    usage: Usage | None = None
+    failed = True
+    try:
+        usage, failed = await _answer(gw, request, responder, out, headers, key, model, body,
+                                      kind, stream)
+    finally:
+        gw.limiter.settle(adm, usage, trio.current_time(), failed=failed)
+
+
+async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
+                  headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
+                  body: dict[str, Any], kind: str, stream: bool) -> tuple[Usage | None, bool]:
+    """Serve from the cache or the upstream; (usage for the limiter, failed?)."""
+    cache = gw.cache
     route = gw.pipeline.route(model)
-    data, extra = await gw.pipeline.forward("embeddings", body, route, out)
+    ckey = None
+    store = False
+    if cache.enabled:
+        no_cache, no_store = directives(request.header(b"cache-control"))
+        ckey = cache.key(kind, request.body, key.id)
+        store = not no_store
+        hit = None if no_cache else cache.get(ckey, trio.current_time())
+        if hit is not None:
+            out.extra["cache"] = "hit"
+            headers.append((b"x-gateway-cache", b"HIT"))
+            if stream:
+                options = body.get("stream_options")
+                with_usage = isinstance(options, dict) and options.get("include_usage") is True
+                await responder.start_stream(200, headers + SSE)
+                for event in completion_to_events(orjson.loads(hit), with_usage):
+                    await responder.send_chunk(event)
+                await responder.end_stream()
+            else:
+                await responder.send(200, headers + JSON, hit)
+            return NO_USAGE, False  # no upstream tokens were spent
+        headers.append((b"x-gateway-cache", b"MISS"))
+    if stream:
+        assembler = StreamAssembler() if ckey is not None and store else None
+        await gw.pipeline.stream(body, route, responder, out, headers + SSE,
+                                 assembler.add if assembler is not None else None)
+        if assembler is not None and out.error_code is None:
+            result = assembler.result()
+            if result is not None:
+                cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
+        return out.usage, out.error_code is not None
+    data, extra = await gw.pipeline.forward(kind, body, route, out)
+    if ckey is not None and store:
+        cache.put(ckey, data, trio.current_time())
     await responder.send(200, headers + JSON + extra, data)
+    return out.usage, False
 
 
 async def list_models(gw: "Gateway", request: Request, responder: Responder, out: Outcome,

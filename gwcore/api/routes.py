@@ -9,9 +9,11 @@ from typing import Any
 
 from gwcore.accesslog import AccessLog
 from gwcore.auth import Authenticator
+from gwcore.cache import ResponseCache
 from gwcore.errors import (GatewayError, InvalidRequest, MethodNotAllowed, NotFound,
                            RequestTooLarge)
 from gwcore.pipeline import Outcome, Pipeline
+from gwcore.ratelimit import RateLimiter
 from gwcore.server.connection import Request, Responder
 
 JSON = [(b"content-type", b"application/json")]
@@ -23,12 +25,15 @@ Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, b
 
 class Gateway:
     def __init__(self, pipeline: Pipeline, auth: Authenticator, access_log: AccessLog,
+                 limiter: RateLimiter, cache: ResponseCache,
                  *, ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  statistics: Callable[[], dict[str, Any]] | None = None) -> None:
         from gwcore.api import openai, ops  # endpoint modules import this one's types
 
         self.pipeline = pipeline
         self.auth = auth
+        self.limiter = limiter
+        self.cache = cache
         self.access_log = access_log
         self.ready = ready
         self.statistics = statistics

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from gwcore.config import Deployment
+from gwnative import encode_event
 from gwcore.errors import GatewayError, UpstreamError, UpstreamStatus
 from gwcore.providers.base import UpstreamRequest
 from gwcore.wire import openai_error
@@ -84,3 +85,74 @@ def map_error(status: int, body: bytes, headers: list[tuple[str, str]]) -> Gatew
         return UpstreamError(f"The upstream rejected the gateway's provider credentials "
                              f"(HTTP {status}).")
     return UpstreamError(f"The upstream returned HTTP {status}: {message}")
+
+
+def completion_to_events(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
+    """A stored chat.completion replayed as the chunks OpenAI would have streamed."""
+    base = {"id": completion.get("id"), "object": "chat.completion.chunk",
+            "created": completion.get("created"), "model": completion.get("model"),
+            "system_fingerprint": completion.get("system_fingerprint")}
+    extra = {"usage": None} if include_usage else {}
+    out = []
+    for choice in completion.get("choices") or []:
+        message = choice.get("message") or {}
+        i = choice.get("index", 0)
+        first = {"role": "assistant", "content": ""}
+        out.append({**base, "choices": [{"index": i, "delta": first, "logprobs": None,
+                                          "finish_reason": None}], **extra})
+        if message.get("content"):
+            out.append({**base, "choices": [{"index": i, "delta": {"content": message["content"]},
+                                              "logprobs": None, "finish_reason": None}], **extra})
+        out.append({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                          "finish_reason": choice.get("finish_reason")}], **extra})
+    if include_usage:
+        out.append({**base, "choices": [], "usage": completion.get("usage")})
+    return [encode_event(orjson.dumps(c)) for c in out] + [encode_event("[DONE]")]
+
+
+class StreamAssembler:
+    """Collects a streamed chat answer into the plain chat.completion it stands for.
+
+    Only single-choice text answers are assembled; anything else (tool calls, several
+    choices, refusals) makes ``result`` None, and the answer is not cached.
+    """
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.meta: dict[str, Any] = {}
+        self.parts: list[str] = []
+        self.finish: str | None = None
+        self.usage: Any = None
+
+    def add(self, data: str) -> None:
+        if not self.ok or data == "[DONE]":
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.ok = False
+            return
+        if not self.meta:
+            self.meta = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if choice.get("index", 0) != 0 or delta.get("tool_calls") or delta.get("refusal") \
+                    or delta.get("function_call"):
+                self.ok = False
+                return
+            if delta.get("content"):
+                self.parts.append(delta["content"])
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+    def result(self) -> bytes | None:
+        if not self.ok or self.finish is None:
+            return None
+        return orjson.dumps({
+            **{k: v for k, v in self.meta.items()}, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.parts),
+                                                 "refusal": None},
+                         "logprobs": None, "finish_reason": self.finish}],
+            "usage": self.usage})
