@@ -187,36 +187,47 @@ class Pipeline:
                             break
                 except GatewayError as exc:
                     error = exc
+                except SSEError as exc:
+                    error = UpstreamError(f"The upstream sent a malformed stream: {exc}")
                 nursery.cancel_scope.cancel()
             if error is not None and not committed:
                 raise error
             out.ttft_s = trio.current_time() - started
-            await commit(_gateway_headers(dep) if dep is not None and resp is not None else [])
             try:
-                if error is not None:
-                    raise error
-                for data in first:
+                await commit(_gateway_headers(dep) if dep is not None and resp is not None else [])
+                await self._relay(chunks, first, error, parser, ureq, state, observe,
+                                  responder, out)
+            finally:
+                # Recorded even when the client leaves at the last moment (SDKs close
+                # right after [DONE]), so the usage is always accounted.
+                out.usage = state.usage
+
+    async def _relay(self, chunks: AsyncIterator[bytes] | None, first: list[bytes],
+                     error: GatewayError | None, parser: Any, ureq: UpstreamRequest | None,
+                     state: StreamState, observe: Callable[[str], None] | None,
+                     responder: Any, out: Outcome) -> None:
+        """Send the stream on from its first event, ending in [DONE] or an error event."""
+        try:
+            if error is not None:
+                raise error
+            for data in first:
+                await responder.send_chunk(data)
+            assert chunks is not None and ureq is not None
+            async for chunk in chunks:
+                data = _translate_openai(parser.feed(chunk), ureq, state, observe)
+                if data:
                     await responder.send_chunk(data)
-                assert chunks is not None and ureq is not None
-                async for chunk in chunks:
-                    data = _translate_openai(parser.feed(chunk), ureq, state, observe)
-                    if data:
-                        await responder.send_chunk(data)
-                parser.close()
-                if parser.truncated or not state.extra.get("done"):
-                    raise UpstreamError("The upstream stream ended before it was complete.")
-            except GatewayError as exc:
-                out.error_code = exc.code
-                await responder.send_chunk(native.encode_event(
-                    orjson.dumps({"error": {"message": exc.message, "type": exc.type,
-                                            "param": None, "code": exc.code}})))
-            except SSEError as exc:
-                out.error_code = "upstream_error"
-                await responder.send_chunk(native.encode_event(orjson.dumps(
-                    {"error": {"message": f"The upstream sent a malformed stream: {exc}",
-                               "type": "api_error", "param": None, "code": "upstream_error"}})))
-            out.usage = state.usage
-            await responder.end_stream()
+            parser.close()
+            if parser.truncated or not state.extra.get("done"):
+                raise UpstreamError("The upstream stream ended before it was complete.")
+        except GatewayError as exc:
+            out.error_code = exc.code
+            await responder.send_chunk(_error_event(exc.message, exc.type, exc.code))
+        except SSEError as exc:
+            out.error_code = "upstream_error"
+            await responder.send_chunk(_error_event(
+                f"The upstream sent a malformed stream: {exc}", "api_error", "upstream_error"))
+        await responder.end_stream()
 
     async def _open_stream(self, stack: AsyncExitStack, body: dict[str, Any], route: Route,
                            out: Outcome) -> tuple[UpstreamResponse, UpstreamRequest, Deployment]:
@@ -273,6 +284,11 @@ def _translate_openai(events: list[Any], ureq: UpstreamRequest, state: StreamSta
                     continue
         out.append(native.encode_event(data, ev.event or None, ev.id))
     return b"".join(out)
+
+
+def _error_event(message: str, type_: str, code: str) -> bytes:
+    return native.encode_event(orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}))
 
 
 def _gateway_headers(dep: Deployment) -> list[tuple[bytes, bytes]]:

@@ -78,19 +78,20 @@ async def _with_limits(gw: "Gateway", request: Request, responder: Responder, ou
                        body: dict[str, Any], kind: str, stream: bool) -> None:
     adm = gw.limiter.admit(key, model, body, len(request.body), trio.current_time())
     headers.extend(adm.headers)
-    usage: Usage | None = None
-    failed = True
     try:
-        usage, failed = await _answer(gw, request, responder, out, headers, key, model, body,
-                                      kind, stream)
+        await _answer(gw, request, responder, out, headers, key, model, body, kind, stream)
     finally:
-        gw.limiter.settle(adm, usage, trio.current_time(), failed=failed)
+        # Also when the client left mid-way (the handler is cancelled): whatever usage
+        # the upstream reported is what the reservation settles to.
+        usage = NO_USAGE if out.extra.get("cache") == "hit" else out.usage
+        gw.limiter.settle(adm, usage, trio.current_time(),
+                          failed=not responder.started or out.error_code is not None)
 
 
 async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                   headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
-                  body: dict[str, Any], kind: str, stream: bool) -> tuple[Usage | None, bool]:
-    """Serve from the cache or the upstream; (usage for the limiter, failed?)."""
+                  body: dict[str, Any], kind: str, stream: bool) -> None:
+    """Serve from the cache or the upstream (usage lands in ``out``)."""
     cache = gw.cache
     route = gw.pipeline.route(model)
     ckey = None
@@ -112,7 +113,7 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
                 await responder.end_stream()
             else:
                 await responder.send(200, headers + JSON, hit)
-            return NO_USAGE, False  # no upstream tokens were spent
+            return
         headers.append((b"x-gateway-cache", b"MISS"))
     if stream:
         assembler = StreamAssembler() if ckey is not None and store else None
@@ -122,12 +123,11 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
             result = assembler.result()
             if result is not None:
                 cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
-        return out.usage, out.error_code is not None
+        return
     data, extra = await gw.pipeline.forward(kind, body, route, out)
     if ckey is not None and store:
         cache.put(ckey, data, trio.current_time())
     await responder.send(200, headers + JSON + extra, data)
-    return out.usage, False
 
 
 async def list_models(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
