@@ -9,10 +9,19 @@ import msgspec
 
 @dataclass(slots=True)
 class Usage:
+    """Token usage, normalised across providers (OpenAI's meaning of each field).
+
+    ``prompt_tokens`` counts every input token, cached ones included;
+    ``cached_tokens`` are the part read from the provider's prompt cache and
+    ``cache_write_tokens`` the part written to it (Anthropic bills both differently);
+    ``completion_tokens`` counts every output token, reasoning ones included, and
+    ``reasoning_tokens`` is that part.
+    """
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -1,8 +1,17 @@
-"""What every provider adapter produces and consumes: plain data, no I/O."""
+"""What every provider adapter produces and consumes: plain data, no I/O.
+
+The gateway's internal ("hub") format is OpenAI chat completions.  An upstream adapter
+turns an OpenAI chat request into its provider's request, and the provider's answers
+(whole, streamed, or errors) back into OpenAI chat format.  Ingress adapters (the
+Anthropic ``/v1/messages`` endpoint) translate the other way around the hub.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from gwcore.config import Deployment
+from gwcore.errors import GatewayError
 from gwcore.wire import Usage
 
 
@@ -25,3 +34,38 @@ class StreamState:
     events: int = 0
     finish_reason: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+class SSEEventLike(Protocol):
+    event: str
+    data: str
+    id: str | None
+
+
+class StreamTranslator(Protocol):
+    """Provider SSE events in, OpenAI ``chat.completion.chunk`` SSE bytes out.
+
+    ``feed`` takes one parsed upstream event (``gwnative.SSEEvent``) and returns zero or
+    more complete SSE frames (``b"data: {...}\\n\\n"``) in OpenAI's chunk format; the
+    final frame of a complete stream is ``b"data: [DONE]\\n\\n"``.  ``usage`` is the
+    normalised usage once known; ``done`` is True once the provider signalled the
+    end of the answer.  A provider error event raises a ``GatewayError``.
+    """
+    usage: Usage | None
+    done: bool
+
+    def feed(self, event: SSEEventLike) -> list[bytes]: ...
+
+
+class ChatAdapter(Protocol):
+    """One upstream API, spoken in OpenAI chat format.  Pure functions of their input."""
+
+    def build_chat(self, body: dict[str, Any], dep: Deployment, base_url: str,
+                   api_key: str | None) -> UpstreamRequest: ...
+
+    def parse_chat(self, body: bytes, model: str) -> tuple[bytes, Usage | None]: ...
+
+    def stream_translator(self, model: str, include_usage: bool) -> StreamTranslator: ...
+
+    def map_error(self, status: int, body: bytes,
+                  headers: list[tuple[str, str]]) -> GatewayError: ...
