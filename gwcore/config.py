@@ -64,8 +64,16 @@ class ModelRoute(_Base):
     name: str
     deployments: list[Deployment]
     fallbacks: list[str] = []
-    timeout_s: float = 600.0
+    # Fallbacks also on a context-window error (the prompt is too long for this model).
+    fallback_on_context_window: bool = False
+    timeout_s: float = 600.0          # total, per attempt
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float | None = None  # until the response head; None: timeout_s
     retries: int = 2
+    # Circuit breaker: this many failures in a row cool a deployment down for
+    # cooldown_s (doubling while its probes keep failing, up to 10x).
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.deployments:
@@ -113,7 +121,16 @@ class Price(_Base):
 
 class ProviderCreds(_Base):
     api_key: str | None = None
+    # Several keys of one provider are load-balanced like deployments (the env
+    # variable may hold them comma-separated).
+    api_keys: list[str] = []
     base_url: str | None = None
+
+    def keys(self) -> list[str]:
+        out = list(self.api_keys)
+        if self.api_key:
+            out += [k.strip() for k in self.api_key.split(",") if k.strip() and k.strip() not in out]
+        return out
 
 
 class ServerConfig(_Base):

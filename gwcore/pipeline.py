@@ -1,22 +1,31 @@
 """One request's way to an upstream and back: route, attempts, retries, fallbacks.
 
-How this works: a model name resolves to a ``Route`` (deployments, fallbacks, retries,
-timeout).  ``attempts`` yields (route, deployment) pairs: up to ``retries + 1`` tries
-over the route's deployments in weighted order, then the same for each fallback model.
-An attempt that fails with a retryable error (connect error, timeout, 429, 500, 502,
-503, 504) moves on after a backoff (exponential with full jitter, or the upstream's
-``retry-after`` when it gives one); any other error ends the request at once.
+How this works: a model name resolves to a ``Route``.  ``_attempt`` walks the route and
+then its fallbacks: for each, up to ``retries + 1`` tries, each on the deployment the
+router picks (healthy, not yet tried by this request, weighted, least busy).  A try
+that fails with a retryable error (connect error, timeout, 429, 500, 502, 503, 504)
+moves on after a backoff (exponential with full jitter, or the upstream's
+``retry-after`` when it gives one); other errors end the request at once, except a
+context-window error on a route with ``fallback_on_context_window``, which goes to the
+fallbacks.  The first try that gets a 200 head wins, and its response stays open for
+the caller to read or stream.
+
+The hub format is OpenAI chat: every adapter (``gwcore.providers.*``) turns an OpenAI
+request into its API's request and its answers back.  A ``Call`` carries the request
+as the client sent it (``api``: "openai" or "anthropic") and lazily its OpenAI form;
+an Anthropic-ingress call to an Anthropic deployment is passed through untranslated.
 
 For streams, nothing is retried once a byte of the upstream's answer has been sent to
 the client; after that an error is a final SSE error event.  While a stream waits for
 its first event, ``: ping`` comments go out every ``stream_keepalive_s``; the first
-ping commits the 200 head, so a long-waiting client is kept alive at the cost of
-reporting any later failure as an SSE error event instead of an HTTP status.
+ping commits the 200 head, so a long wait costs reporting a later failure as an SSE
+error event instead of an HTTP status.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +34,16 @@ import orjson
 import trio
 
 import gwnative as native
-from gwnative.errors import SSEError
 from gwcore.config import Deployment
 from gwcore.errors import (GatewayError, InvalidRequest, ModelNotFound, UpstreamError,
                            UpstreamTimeout, UpstreamUnavailable)
 from gwcore.providers import openai as openai_provider
-from gwcore.providers.base import StreamState, UpstreamRequest
-from gwcore.routing import Route, Router, attempt_order
+from gwcore.providers import registry
+from gwcore.providers.base import UpstreamRequest
+from gwcore.routing import DeploymentHealth, Route, Router, clamp_timeout
 from gwcore.upstream import Timeouts, Upstreams, UpstreamResponse
 from gwcore.wire import Usage, openai_usage
+from gwnative.errors import SSEError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 # Backoff: 0.1 s doubling per retry, capped at 2 s, with full jitter (AWS architecture
@@ -42,7 +52,6 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 2.0
 MAX_RETRY_AFTER_S = 10.0
-OPENAI_FAMILY = frozenset({"openai", "mock"})
 PING = b": ping\n\n"
 
 
@@ -57,6 +66,48 @@ class Outcome:
     error_code: str | None = None
     ttft_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Call:
+    """A request on its way: as the client sent it, and (lazily) in hub format."""
+    kind: str                      # "chat" | "embeddings" | "responses"
+    body: dict[str, Any]           # as the client sent it
+    api: str = "openai"            # the client's API: "openai" | "anthropic"
+    stream: bool = False
+    timeout_hint: bytes | None = None
+    _hub: dict[str, Any] | None = None
+
+    def hub(self) -> dict[str, Any]:
+        """The OpenAI chat form of this request (translated once, on first use)."""
+        if self._hub is None:
+            if self.api == "anthropic":
+                self._hub = registry.adapter("anthropic").ingress_to_openai(self.body)
+            else:
+                self._hub = self.body
+        return self._hub
+
+    def client_wants_usage(self) -> bool:
+        if self.api != "openai":
+            return True
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclass(slots=True)
+class Attempt:
+    resp: UpstreamResponse
+    ureq: UpstreamRequest
+    dep: Deployment
+    route: Route
+    health: DeploymentHealth
+    passthrough: bool  # the upstream speaks the client's API: no translation
+
+
+class _Failure(Exception):
+    def __init__(self, error: GatewayError, retryable: bool) -> None:
+        self.error = error
+        self.retryable = retryable
 
 
 class Pipeline:
@@ -75,31 +126,17 @@ class Pipeline:
                                 "configured for it.", param="model")
         return route
 
-    def attempts(self, route: Route) -> Iterator[tuple[Route, Deployment]]:
-        seen = {route.name}
-        chain = [route]
+    def _chain(self, route: Route) -> list[Route]:
+        chain, seen = [route], {route.name}
         for name in route.fallbacks:
             fb = self.router.resolve(name)
             if fb is not None and name not in seen:
                 seen.add(name)
                 chain.append(fb)
-        for r in chain:
-            order = attempt_order(r, self.rng)
-            for i in range(r.retries + 1):
-                yield r, order[i % len(order)]
+        return chain
 
-    def build(self, kind: str, body: dict[str, Any], dep: Deployment) -> UpstreamRequest:
-        if dep.provider not in OPENAI_FAMILY:
-            raise GatewayError(f"The {dep.provider} provider is not available in this "
-                               "build yet.")
-        base = self.router.base_url(dep)
-        key = self.router.api_key(dep)
-        if kind == "chat":
-            return openai_provider.build_chat(body, dep, base, key)
-        return openai_provider.build_embeddings(body, dep, base, key)
-
-    async def backoff(self, retry: int, error: GatewayError) -> bool:
-        """Wait before the next attempt; False when the error says not to retry."""
+    async def _backoff(self, retry: int, error: GatewayError) -> bool:
+        """Wait before the next try; False when the error says not to retry."""
         after = _retry_after(error)
         if after is not None:
             if after > MAX_RETRY_AFTER_S:
@@ -109,44 +146,128 @@ class Pipeline:
         await trio.sleep(self.rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** retry)))
         return True
 
-    # -- non-streaming ------------------------------------------------------------
-    async def forward(self, kind: str, body: dict[str, Any], route: Route,
-                      out: Outcome) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """Send a non-streaming request; the upstream's body and the headers to add."""
+    async def _attempt(self, call: Call, route: Route, out: Outcome,
+                       stack: AsyncExitStack) -> Attempt:
+        """The first try that gets a 200 head; its response stays open in ``stack``."""
         last: GatewayError | None = None
-        for n, (r, dep) in enumerate(self.attempts(route)):
-            if n and last is not None and not await self.backoff(n - 1, last):
-                break
-            out.attempts += 1
-            out.provider, out.upstream_model = dep.provider, dep.model
-            ureq = self.build(kind, body, dep)
-            timeout_s = dep.timeout_s or r.timeout_s
-            try:
-                with trio.fail_after(timeout_s):
-                    async with self.upstreams.open(ureq, Timeouts(read_s=timeout_s,
-                                                                  total_s=timeout_s)) as resp:
-                        data = await resp.read()
-            except trio.TooSlowError:
-                last = UpstreamTimeout()
-                continue
-            except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
-                last = exc
-                continue
-            if resp.status == 200:
-                out.usage = openai_usage(data)
-                return data, _gateway_headers(dep)
-            last = openai_provider.map_error(resp.status, data, resp.headers)
-            if resp.status not in RETRYABLE_STATUS:
-                raise last
+        tries = 0
+        for r in self._chain(route):
+            tried: set[int] = set()
+            for _ in range(r.retries + 1):
+                if len(tried) == len(r.deployments):
+                    tried.clear()  # every deployment had its turn: retry them
+                index = self.router.pick(r, trio.current_time(), self.rng, tried)
+                if index is None:
+                    break  # all open (cooling down): on to the fallbacks
+                if last is not None and not await self._backoff(tries - 1, last):
+                    raise last
+                tries += 1
+                tried.add(index)
+                try:
+                    return await self._try(call, r, index, out, stack)
+                except _Failure as failure:
+                    last = failure.error
+                    if failure.retryable:
+                        continue
+                    if r.fallback_on_context_window and _is_context_window(last):
+                        break
+                    raise last from None
+        if tries == 0:
+            # Every deployment is cooling down: rather than refuse, try the one whose
+            # cooldown ends first (a breaker must not turn a blip into an outage).
+            index = self.router.last_resort(route, set())
+            if index is not None:
+                try:
+                    return await self._try(call, route, index, out, stack)
+                except _Failure as failure:
+                    last = failure.error
         raise last or UpstreamUnavailable()
 
-    # -- streaming ----------------------------------------------------------------
-    async def stream(self, body: dict[str, Any], route: Route, responder: Any,
-                     out: Outcome, sse_headers: list[tuple[bytes, bytes]],
-                     observe: Callable[[str], None] | None = None) -> None:
-        """Stream a chat completion to ``responder`` (a server Responder).
+    async def _try(self, call: Call, r: Route, index: int, out: Outcome,
+                   stack: AsyncExitStack) -> Attempt:
+        dep = r.deployments[index]
+        out.attempts += 1
+        out.provider, out.upstream_model = dep.provider, dep.model
+        ureq, passthrough = self._build(call, dep)
+        timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
+        first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
+        health = self.router.started(r, index, trio.current_time())
+        attempt = AsyncExitStack()
+        attempt.callback(self.router.finished, health)
+        error: GatewayError
+        status = 0
+        try:
+            with trio.fail_after(first_byte_s):
+                resp = await attempt.enter_async_context(self.upstreams.open(
+                    ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
+                                   read_s=timeout_s, total_s=timeout_s)))
+            status = resp.status
+            if status == 200:
+                self.router.succeeded(health, r)
+                stack.push_async_exit(attempt.pop_all())
+                return Attempt(resp, ureq, dep, r, health, passthrough)
+            with trio.fail_after(timeout_s):
+                data = await resp.read()
+            error = registry.adapter(dep.provider).map_error(status, data, resp.headers)
+        except trio.TooSlowError:
+            error = UpstreamTimeout()
+        except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
+            error = exc
+        finally:
+            await attempt.aclose()
+        retryable = status == 0 or status in RETRYABLE_STATUS
+        if retryable:
+            self.router.failed(health, r, trio.current_time())
+        raise _Failure(error, retryable)
 
-        ``observe`` sees every upstream event's data (the cache assembles answers with it).
+    def _build(self, call: Call, dep: Deployment) -> tuple[UpstreamRequest, bool]:
+        base = self.router.base_url(dep)
+        key = self.router.api_key(dep)
+        if call.kind == "embeddings" or call.kind == "responses":
+            if dep.provider not in registry.OPENAI_FAMILY:
+                raise InvalidRequest(f"'{call.kind}' is only served by OpenAI-compatible "
+                                     f"deployments; this model routes to {dep.provider}.",
+                                     code="unsupported_endpoint", param="model")
+            build = (openai_provider.build_embeddings if call.kind == "embeddings"
+                     else openai_provider.build_responses)
+            return build(call.body, dep, base, key), True
+        if call.api == "anthropic" and dep.provider == "anthropic":
+            return registry.adapter("anthropic").build_passthrough(call.body, dep, base, key), True
+        adapter = registry.adapter(dep.provider)
+        return adapter.build_chat(call.hub(), dep, base, key), call.api == "openai" \
+            and dep.provider in registry.OPENAI_FAMILY
+
+    # -- non-streaming ------------------------------------------------------------
+    async def forward(self, call: Call, route: Route,
+                      out: Outcome) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """A whole answer in the client's API format, and the headers to add."""
+        async with AsyncExitStack() as stack:
+            a = await self._attempt(call, route, out, stack)
+            timeout_s = clamp_timeout(a.dep.timeout_s or a.route.timeout_s, call.timeout_hint)
+            try:
+                with trio.fail_after(timeout_s):
+                    data = await a.resp.read()
+            except trio.TooSlowError:
+                raise UpstreamTimeout() from None
+        adapter = registry.adapter(a.dep.provider)
+        if a.passthrough:
+            out.usage = (openai_usage(data) if a.dep.provider in registry.OPENAI_FAMILY
+                         else adapter.usage_of(data))
+            return data, _gateway_headers(a.dep)
+        hub, out.usage = adapter.parse_chat(data, a.dep.model, int(time.time()))
+        if call.api == "anthropic":
+            return registry.adapter("anthropic").openai_to_ingress(hub, call.body.get("model")), \
+                _gateway_headers(a.dep)
+        return hub, _gateway_headers(a.dep)
+
+    # -- streaming ----------------------------------------------------------------
+    async def stream(self, call: Call, route: Route, responder: Any, out: Outcome,
+                     sse_headers: list[tuple[bytes, bytes]],
+                     observe: Callable[[str], None] | None = None) -> None:
+        """Stream an answer to ``responder`` (a server Responder) in the client's API.
+
+        ``observe`` sees the data of every OpenAI-format chunk (the cache assembles
+        answers from it).
         """
         committed = False
 
@@ -165,25 +286,24 @@ class Pipeline:
                     await responder.send_chunk(PING)
 
         parser = native.SSEParser()
-        state = StreamState()
+        relay: _Relay | None = None
         first: list[bytes] = []
         async with AsyncExitStack() as stack:
-            resp: UpstreamResponse | None = None
-            ureq: UpstreamRequest | None = None
+            a: Attempt | None = None
             chunks: AsyncIterator[bytes] | None = None
-            dep: Deployment | None = None
             error: GatewayError | None = None
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
                 if self.stream_keepalive_s > 0:
                     nursery.start_soon(pinger)
                 try:
-                    resp, ureq, dep = await self._open_stream(stack, body, route, out)
-                    chunks = resp.chunks()
+                    a = await self._attempt(call, route, out, stack)
+                    relay = _Relay(call, a, observe)
+                    chunks = a.resp.chunks()
                     stack.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
                     async for chunk in chunks:
-                        first.append(_translate_openai(parser.feed(chunk), ureq, state, observe))
-                        if state.events:
+                        first.append(relay.feed(parser.feed(chunk)))
+                        if relay.events:
                             break
                 except GatewayError as exc:
                     error = exc
@@ -194,99 +314,144 @@ class Pipeline:
                 raise error
             out.ttft_s = trio.current_time() - started
             try:
-                await commit(_gateway_headers(dep) if dep is not None and resp is not None else [])
-                await self._relay(chunks, first, error, parser, ureq, state, observe,
-                                  responder, out)
+                await commit(_gateway_headers(a.dep) if a is not None else [])
+                await self._relay(chunks, first, error, parser, relay, call, responder, out)
             finally:
                 # Recorded even when the client leaves at the last moment (SDKs close
                 # right after [DONE]), so the usage is always accounted.
-                out.usage = state.usage
+                if relay is not None:
+                    out.usage = relay.usage
 
     async def _relay(self, chunks: AsyncIterator[bytes] | None, first: list[bytes],
-                     error: GatewayError | None, parser: Any, ureq: UpstreamRequest | None,
-                     state: StreamState, observe: Callable[[str], None] | None,
-                     responder: Any, out: Outcome) -> None:
-        """Send the stream on from its first event, ending in [DONE] or an error event."""
+                     error: GatewayError | None, parser: Any, relay: "_Relay | None",
+                     call: Call, responder: Any, out: Outcome) -> None:
+        """Send the stream on from its first event, ending complete or with an error event."""
         try:
             if error is not None:
                 raise error
+            assert chunks is not None and relay is not None
             for data in first:
                 await responder.send_chunk(data)
-            assert chunks is not None and ureq is not None
             async for chunk in chunks:
-                data = _translate_openai(parser.feed(chunk), ureq, state, observe)
+                data = relay.feed(parser.feed(chunk))
                 if data:
                     await responder.send_chunk(data)
             parser.close()
-            if parser.truncated or not state.extra.get("done"):
-                raise UpstreamError("The upstream stream ended before it was complete.")
+            tail = relay.close(truncated=parser.truncated)
+            if tail:
+                await responder.send_chunk(tail)
         except GatewayError as exc:
             out.error_code = exc.code
-            await responder.send_chunk(_error_event(exc.message, exc.type, exc.code))
+            await responder.send_chunk(_error_event(call, exc.message, exc.type, exc.code))
         except SSEError as exc:
             out.error_code = "upstream_error"
             await responder.send_chunk(_error_event(
-                f"The upstream sent a malformed stream: {exc}", "api_error", "upstream_error"))
+                call, f"The upstream sent a malformed stream: {exc}", "api_error",
+                "upstream_error"))
         await responder.end_stream()
 
-    async def _open_stream(self, stack: AsyncExitStack, body: dict[str, Any], route: Route,
-                           out: Outcome) -> tuple[UpstreamResponse, UpstreamRequest, Deployment]:
-        last: GatewayError | None = None
-        for n, (r, dep) in enumerate(self.attempts(route)):
-            if n and last is not None and not await self.backoff(n - 1, last):
-                break
-            out.attempts += 1
-            out.provider, out.upstream_model = dep.provider, dep.model
-            ureq = self.build("chat", body, dep)
-            timeout_s = dep.timeout_s or r.timeout_s
-            attempt = AsyncExitStack()
-            try:
-                with trio.fail_after(timeout_s):
-                    resp = await attempt.enter_async_context(
-                        self.upstreams.open(ureq, Timeouts(read_s=timeout_s, total_s=timeout_s)))
-                    if resp.status == 200:
-                        stack.push_async_exit(attempt.pop_all())
-                        return resp, ureq, dep
-                    data = await resp.read()
-            except trio.TooSlowError:
-                last = UpstreamTimeout()
-                await attempt.aclose()
-                continue
-            except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
-                last = exc
-                await attempt.aclose()
-                continue
-            await attempt.aclose()
-            last = openai_provider.map_error(resp.status, data, resp.headers)
-            if resp.status not in RETRYABLE_STATUS:
-                raise last
-        raise last or UpstreamUnavailable()
 
+class _Relay:
+    """Upstream SSE events -> the frames the client gets, with usage on the way.
 
-def _translate_openai(events: list[Any], ureq: UpstreamRequest, state: StreamState,
-                      observe: Callable[[str], None] | None) -> bytes:
-    """OpenAI passthrough: account usage, drop the usage chunk the gateway asked for."""
-    if not events:
-        return b""
-    out = []
-    for ev in events:
-        data = ev.data
-        state.events += 1
-        if observe is not None:
-            observe(data)
+    OpenAI passthrough (the hot path) re-frames events as they are and only looks into
+    the ones that mention usage; other upstreams go through their adapter's stream
+    translator into OpenAI chunks; an Anthropic-ingress client then gets those turned
+    into Anthropic events, unless the upstream is Anthropic itself (passed through).
+    """
+
+    __slots__ = ("call", "passthrough", "openai_family", "translator", "egress", "observe",
+                 "usage", "events", "done", "strip_usage", "usage_reader")
+
+    def __init__(self, call: Call, a: Attempt, observe: Callable[[str], None] | None) -> None:
+        self.call = call
+        self.observe = observe
+        self.usage: Usage | None = None
+        self.events = 0
+        self.done = False
+        self.openai_family = a.dep.provider in registry.OPENAI_FAMILY
+        self.passthrough = a.passthrough
+        self.strip_usage = not call.client_wants_usage()
+        self.translator = None
+        self.egress = None
+        self.usage_reader = None
+        created = int(time.time())
+        if a.passthrough and not self.openai_family:
+            # Anthropic ingress to an Anthropic upstream: events pass through untouched;
+            # a translator reads them only for the usage.
+            self.usage_reader = registry.adapter(a.dep.provider).StreamTranslator(
+                a.dep.model, True, created)
+        elif not a.passthrough:
+            if not self.openai_family:
+                self.translator = registry.adapter(a.dep.provider).StreamTranslator(
+                    a.dep.model, True, created)
+            if call.api == "anthropic":
+                self.egress = registry.adapter("anthropic").IngressStreamTranslator(
+                    call.body.get("model"))
+
+    def feed(self, events: list[Any]) -> bytes:
+        if not events:
+            return b""
+        out: list[bytes] = []
+        for ev in events:
+            self.events += 1
+            if self.usage_reader is not None:
+                self.usage_reader.feed(ev)
+                self.usage = self.usage_reader.usage
+                self.done = self.usage_reader.done
+                out.append(native.encode_event(ev.data, ev.event or None, ev.id))
+            elif self.translator is None:
+                self._openai_event(ev.data, ev.event, ev.id, out)
+            else:
+                for frame in self.translator.feed(ev):
+                    self._openai_event(_frame_data(frame), "", None, out, frame)
+                self.usage = self.translator.usage or self.usage
+        return b"".join(out)
+
+    def _openai_event(self, data: str, event: str, id_: str | None, out: list[bytes],
+                      frame: bytes | None = None) -> None:
         if data == "[DONE]":
-            state.extra["done"] = True
+            self.done = True
         elif '"usage"' in data and '"usage":null' not in data:
             usage = openai_usage(data)
             if usage is not None:
-                state.usage = usage
-                if ureq.injected_usage and openai_provider.is_usage_only_chunk(data):
-                    continue
-        out.append(native.encode_event(data, ev.event or None, ev.id))
-    return b"".join(out)
+                self.usage = usage
+                if self.observe is not None:
+                    self.observe(data)
+                if self.egress is not None:
+                    out.extend(self.egress.feed(data))
+                    return
+                if self.strip_usage and openai_provider.is_usage_only_chunk(data):
+                    return
+                out.append(frame or native.encode_event(data, event or None, id_))
+                return
+        if self.observe is not None:
+            self.observe(data)
+        if self.egress is not None:
+            out.extend(self.egress.feed(data))
+        else:
+            out.append(frame or native.encode_event(data, event or None, id_))
+
+    def close(self, *, truncated: bool) -> bytes:
+        out: list[bytes] = []
+        if self.translator is not None and hasattr(self.translator, "close"):
+            for frame in self.translator.close():
+                self._openai_event(_frame_data(frame), "", None, out, frame)
+            self.usage = self.translator.usage or self.usage
+        if truncated or not self.done:
+            raise UpstreamError("The upstream stream ended before it was complete.")
+        return b"".join(out)
 
 
-def _error_event(message: str, type_: str, code: str) -> bytes:
+def _frame_data(frame: bytes) -> str:
+    """The data of a one-line ``data: ...\\n\\n`` frame, as adapters produce them."""
+    return frame[6:-2].decode("utf-8")
+
+
+def _error_event(call: Call, message: str, type_: str, code: str) -> bytes:
+    if call.api == "anthropic":
+        return native.encode_event(orjson.dumps(
+            {"type": "error", "error": {"type": "api_error", "message": message}}), "error")
     return native.encode_event(orjson.dumps(
         {"error": {"message": message, "type": type_, "param": None, "code": code}}))
 
@@ -304,6 +469,12 @@ def _retry_after(error: GatewayError) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def _is_context_window(error: GatewayError) -> bool:
+    text = f"{error.code} {error.message}".lower()
+    return error.status == 400 and ("context_length" in text or "context window" in text
+                                    or "too many tokens" in text or "prompt is too long" in text)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -327,4 +498,3 @@ def require_model(body: dict[str, Any]) -> str:
                              code="missing_required_parameter" if model is None
                              else "invalid_type", param="model")
     return model
-

@@ -82,3 +82,11 @@ def gateway_factory(tmp_path: Path) -> Callable[..., Any]:
                 **overrides: Any):
         return run_gateway(make_config(yaml_text, env=env, tmp_path=tmp_path, **overrides))
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients():
+    from tests.support.sdk import close_all
+
+    yield
+    close_all()

@@ -15,7 +15,7 @@ import trio
 from gwcore.auth import KeyInfo
 from gwcore.cache import directives
 from gwcore.errors import InvalidRequest
-from gwcore.pipeline import Outcome, parse_json_body, require_model
+from gwcore.pipeline import Call, Outcome, parse_json_body, require_model
 from gwcore.providers import mock
 from gwcore.providers.openai import StreamAssembler, completion_to_events
 from gwcore.server.connection import Request, Responder
@@ -50,10 +50,8 @@ async def chat_completions(gw: "Gateway", request: Request, responder: Responder
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise InvalidRequest("'stream' must be a boolean.", code="invalid_type", param="stream")
-    key.check_model(model)
-    gw.pipeline.route(model)  # 404 before any limit is spent
-    await _with_limits(gw, request, responder, out, headers, key, model, body,
-                       "chat", bool(stream))
+    call = Call("chat", body, "openai", bool(stream), _timeout_hint(request))
+    await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
 
 
 async def embeddings(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
@@ -67,19 +65,39 @@ async def embeddings(gw: "Gateway", request: Request, responder: Responder, out:
         raise InvalidRequest("'input' is required: a string or a non-empty array.",
                              code="invalid_type" if value is not None
                              else "missing_required_parameter", param="input")
+    call = Call("embeddings", body, "openai", False, _timeout_hint(request))
+    await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
+
+
+async def responses(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
+                    headers: list[tuple[bytes, bytes]]) -> None:
+    """OpenAI Responses API, passed through to OpenAI-family deployments."""
+    key = _authenticate(gw, request, out)
+    body = parse_json_body(request.body)
+    model = require_model(body)
+    out.model = model
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise InvalidRequest("'stream' must be a boolean.", code="invalid_type", param="stream")
+    call = Call("responses", body, "openai", bool(stream), _timeout_hint(request))
+    await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
+
+
+def _timeout_hint(request: Request) -> bytes | None:
+    return request.header(b"x-gateway-timeout") or request.header(b"x-stainless-timeout")
+
+
+async def serve_call(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
+                     headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
+                     call: Call, sse: list[tuple[bytes, bytes]]) -> None:
+    """Limits around the answer: admit, answer (cache or upstream), settle."""
     key.check_model(model)
-    gw.pipeline.route(model)  # 404 before any limit is spent
-    await _with_limits(gw, request, responder, out, headers, key, model, body,
-                       "embeddings", False)
-
-
-async def _with_limits(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
-                       headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
-                       body: dict[str, Any], kind: str, stream: bool) -> None:
-    adm = gw.limiter.admit(key, model, body, len(request.body), trio.current_time())
+    route = gw.pipeline.route(model)  # 404 before any limit is spent
+    adm = gw.limiter.admit(key, model, call.hub() if call.kind == "chat" else call.body,
+                           len(request.body), trio.current_time())
     headers.extend(adm.headers)
     try:
-        await _answer(gw, request, responder, out, headers, key, model, body, kind, stream)
+        await _answer(gw, request, responder, out, headers, key, call, route, sse)
     finally:
         # Also when the client left mid-way (the handler is cancelled): whatever usage
         # the upstream reported is what the reservation settles to.
@@ -89,42 +107,43 @@ async def _with_limits(gw: "Gateway", request: Request, responder: Responder, ou
 
 
 async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
-                  headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
-                  body: dict[str, Any], kind: str, stream: bool) -> None:
-    """Serve from the cache or the upstream (usage lands in ``out``)."""
+                  headers: list[tuple[bytes, bytes]], key: KeyInfo, call: Call, route: Any,
+                  sse: list[tuple[bytes, bytes]]) -> None:
+    """Serve from the cache or the upstream (usage lands in ``out``).
+
+    Only OpenAI chat and embeddings are cached: the stored value is the plain OpenAI
+    answer, which a streamed request gets replayed as a stream.
+    """
     cache = gw.cache
-    route = gw.pipeline.route(model)
     ckey = None
     store = False
-    if cache.enabled:
+    if cache.enabled and call.api == "openai" and call.kind in ("chat", "embeddings"):
         no_cache, no_store = directives(request.header(b"cache-control"))
-        ckey = cache.key(kind, request.body, key.id)
+        ckey = cache.key(call.kind, request.body, key.id)
         store = not no_store
         hit = None if no_cache else cache.get(ckey, trio.current_time())
         if hit is not None:
             out.extra["cache"] = "hit"
             headers.append((b"x-gateway-cache", b"HIT"))
-            if stream:
-                options = body.get("stream_options")
-                with_usage = isinstance(options, dict) and options.get("include_usage") is True
-                await responder.start_stream(200, headers + SSE)
-                for event in completion_to_events(orjson.loads(hit), with_usage):
+            if call.stream:
+                await responder.start_stream(200, headers + sse)
+                for event in completion_to_events(orjson.loads(hit), call.client_wants_usage()):
                     await responder.send_chunk(event)
                 await responder.end_stream()
             else:
                 await responder.send(200, headers + JSON, hit)
             return
         headers.append((b"x-gateway-cache", b"MISS"))
-    if stream:
+    if call.stream:
         assembler = StreamAssembler() if ckey is not None and store else None
-        await gw.pipeline.stream(body, route, responder, out, headers + SSE,
+        await gw.pipeline.stream(call, route, responder, out, headers + sse,
                                  assembler.add if assembler is not None else None)
         if assembler is not None and out.error_code is None:
             result = assembler.result()
             if result is not None:
                 cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
         return
-    data, extra = await gw.pipeline.forward(kind, body, route, out)
+    data, extra = await gw.pipeline.forward(call, route, out)
     if ckey is not None and store:
         cache.put(ckey, data, trio.current_time())
     await responder.send(200, headers + JSON + extra, data)

@@ -28,7 +28,7 @@ class Gateway:
                  limiter: RateLimiter, cache: ResponseCache,
                  *, ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  statistics: Callable[[], dict[str, Any]] | None = None) -> None:
-        from gwcore.api import openai, ops  # endpoint modules import this one's types
+        from gwcore.api import anthropic, openai, ops  # endpoint modules import this one's types
 
         self.pipeline = pipeline
         self.auth = auth
@@ -41,6 +41,8 @@ class Gateway:
             ("POST", "/v1/chat/completions"): openai.chat_completions,
             ("POST", "/v1/embeddings"): openai.embeddings,
             ("GET", "/v1/models"): openai.list_models,
+            ("POST", "/v1/responses"): openai.responses,
+            ("POST", "/v1/messages"): anthropic.messages,
             ("GET", "/healthz"): ops.healthz,
             ("GET", "/readyz"): ops.readyz,
         }
@@ -67,8 +69,9 @@ class Gateway:
         except GatewayError as exc:
             out.error_code = exc.code
             if not responder.started:
-                await responder.send(exc.status, headers + JSON + _encode(exc.headers),
-                                     exc.openai_body())
+                body = (exc.anthropic_body() if request.path.endswith("/messages")
+                        else exc.openai_body())
+                await responder.send(exc.status, headers + JSON + _encode(exc.headers), body)
         finally:
             if request.path not in ("/healthz", "/readyz"):
                 self._log(request, responder, out, rid)

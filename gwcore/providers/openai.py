@@ -14,7 +14,7 @@ from gwcore.config import Deployment
 from gwnative import encode_event
 from gwcore.errors import GatewayError, UpstreamError, UpstreamStatus
 from gwcore.providers.base import UpstreamRequest
-from gwcore.wire import openai_error
+from gwcore.wire import Usage, openai_error, openai_usage
 
 
 def join_url(base: str, path: str) -> str:
@@ -50,6 +50,20 @@ def build_embeddings(body: dict[str, Any], dep: Deployment, base: str,
     out = dict(body)
     out["model"] = dep.model
     return UpstreamRequest("POST", join_url(base, "/embeddings"), _headers(api_key), orjson.dumps(out))
+
+
+def build_responses(body: dict[str, Any], dep: Deployment, base: str,
+                    api_key: str | None) -> UpstreamRequest:
+    """OpenAI Responses API, passed through with the deployment's model."""
+    out = dict(body)
+    out["model"] = dep.model
+    return UpstreamRequest("POST", join_url(base, "/responses"), _headers(api_key),
+                           orjson.dumps(out), stream=out.get("stream") is True)
+
+
+def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]:
+    """OpenAI answers are already in the hub format."""
+    return body, openai_usage(body)
 
 
 def build_models(base: str, api_key: str | None) -> UpstreamRequest:

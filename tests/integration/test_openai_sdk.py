@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from tests.support.mock_openai import serve_mock_openai
+from tests.support.sdk import track
 
 KEY = "gw-test-key-0001"
 MESSAGES = [{"role": "system", "content": "Be brief."},
@@ -32,7 +33,7 @@ async def stack(gateway_factory, yaml_text=None, *, extra_env=None, **knobs):
 
 
 def client(gw, key=KEY, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, **kw)
+    return track(openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, **kw))
 
 
 async def in_thread(fn, *args, **kwargs):
@@ -65,7 +66,7 @@ async def test_streaming_arrives_in_the_same_chunks_as_from_the_upstream(gateway
                 return list(s)
 
         via_gateway = await in_thread(collect, client(gw))
-        direct = await in_thread(collect, openai.OpenAI(base_url=mock.base_url, api_key="x"))
+        direct = await in_thread(collect, track(openai.OpenAI(base_url=mock.base_url, api_key="x")))
         deltas = [[ch.delta.content for ch in c.choices] for c in via_gateway]
         assert deltas == [[ch.delta.content for ch in c.choices] for c in direct]
         assert "".join(d[0] or "" for d in deltas if d) == mock.reply
@@ -93,7 +94,7 @@ models:
 """
     async with stack(gateway_factory, yaml_text) as (gw, mock):
         c = client(gw)
-        direct = openai.OpenAI(base_url=mock.base_url, api_key="x")
+        direct = track(openai.OpenAI(base_url=mock.base_url, api_key="x"))
         got = await in_thread(c.embeddings.create, model="embed-default",
                               input=["alpha", "beta"])
         want = await in_thread(direct.embeddings.create, model="text-embedding-3-small",
@@ -109,8 +110,8 @@ async def test_missing_or_wrong_key_gets_openai_401(gateway_factory):
         for key in ("wrong-key-123456", ""):
             c = client(gw, key=key or "x")
             if not key:
-                c = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0,
-                                  default_headers={"Authorization": ""})
+                c = track(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0,
+                                        default_headers={"Authorization": ""}))
             with pytest.raises(openai.AuthenticationError) as err:
                 await in_thread(c.chat.completions.create, model="gpt-4o-mini",
                                 messages=MESSAGES)
