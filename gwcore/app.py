@@ -12,6 +12,7 @@ from gwcore.api.routes import Gateway, render_protocol_error
 from gwcore.auth import Authenticator
 from gwcore.config import Config, ConfigError, is_loopback
 from gwcore.cache import ResponseCache
+from gwcore.metrics import Metrics, health_rows
 from gwcore.pipeline import Pipeline
 from gwcore.ratelimit import RateLimiter
 from gwcore.routing import Router
@@ -63,11 +64,17 @@ class App:
 
             limiter = RateLimiter(cfg)
             cache = ResponseCache(cfg.cache)
-            gateway = Gateway(pipeline, auth, self.access_log, limiter, cache, ready=ready)
+            metrics = Metrics()
+            metrics.health = health_rows(router)
+            gateway = Gateway(pipeline, auth, self.access_log, limiter, cache, metrics,
+                              ready=ready)
+            gateway.metrics_require_key = cfg.metrics.require_key
             self.gateway = gateway
             server = Server(gateway, limits, max_connections=s.max_connections,
                             render_error=render_protocol_error)
             self.server = server
+            metrics.sources += [server.statistics, limiter.statistics, cache.statistics,
+                                upstreams.statistics]
             if listeners is None:
                 listeners = await open_listeners(s.host, s.port, reuse_port=s.workers > 1)
             self.ports = [lst.socket.getsockname()[1] for lst in listeners]

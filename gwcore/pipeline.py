@@ -42,7 +42,8 @@ from gwcore.providers import registry
 from gwcore.providers.base import UpstreamRequest
 from gwcore.routing import DeploymentHealth, Route, Router, clamp_timeout
 from gwcore.upstream import Timeouts, Upstreams, UpstreamResponse
-from gwcore.wire import Usage, openai_usage
+from gwcore.wire import (RESPONSES_FINAL, Usage, openai_usage, responses_event,
+                         responses_usage)
 from gwnative.errors import SSEError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -250,6 +251,9 @@ class Pipeline:
             except trio.TooSlowError:
                 raise UpstreamTimeout() from None
         adapter = registry.adapter(a.dep.provider)
+        if call.kind == "responses":
+            out.usage = responses_usage(data)
+            return data, _gateway_headers(a.dep)
         if a.passthrough:
             out.usage = (openai_usage(data) if a.dep.provider in registry.OPENAI_FAMILY
                          else adapter.usage_of(data))
@@ -361,7 +365,7 @@ class _Relay:
     """
 
     __slots__ = ("call", "passthrough", "openai_family", "translator", "egress", "observe",
-                 "usage", "events", "done", "strip_usage", "usage_reader")
+                 "usage", "events", "done", "strip_usage", "usage_reader", "responses")
 
     def __init__(self, call: Call, a: Attempt, observe: Callable[[str], None] | None) -> None:
         self.call = call
@@ -375,6 +379,7 @@ class _Relay:
         self.translator = None
         self.egress = None
         self.usage_reader = None
+        self.responses = call.kind == "responses"
         created = int(time.time())
         if a.passthrough and not self.openai_family:
             # Anthropic ingress to an Anthropic upstream: events pass through untouched;
@@ -395,7 +400,15 @@ class _Relay:
         out: list[bytes] = []
         for ev in events:
             self.events += 1
-            if self.usage_reader is not None:
+            if self.responses:
+                # Responses API: passed through; the final event carries the usage.
+                if '"response.' in ev.data:
+                    kind, usage = responses_event(ev.data)
+                    if kind in RESPONSES_FINAL:
+                        self.done = True
+                        self.usage = usage or self.usage
+                out.append(native.encode_event(ev.data, ev.event or None, ev.id))
+            elif self.usage_reader is not None:
                 self.usage_reader.feed(ev)
                 self.usage = self.usage_reader.usage
                 self.done = self.usage_reader.done

@@ -87,3 +87,62 @@ def openai_error(body: bytes) -> _ErrorDetail | None:
     if isinstance(err, str):
         return _ErrorDetail(message=err)
     return err
+
+
+class _InDetails(msgspec.Struct):
+    cached_tokens: int | None = 0
+
+
+class _OutDetails(msgspec.Struct):
+    reasoning_tokens: int | None = 0
+
+
+class _ResponsesUsage(msgspec.Struct):
+    input_tokens: int | None = 0
+    output_tokens: int | None = 0
+    input_tokens_details: _InDetails | None = None
+    output_tokens_details: _OutDetails | None = None
+
+
+class _ResponseView(msgspec.Struct):
+    usage: _ResponsesUsage | None = None
+
+
+class _ResponsesEventView(msgspec.Struct):
+    type: str = ""
+    response: _ResponseView | None = None
+
+
+_responses_decoder = msgspec.json.Decoder(_ResponseView)
+_responses_event_decoder = msgspec.json.Decoder(_ResponsesEventView)
+
+# Events that end a Responses API stream (it sends no [DONE]).
+RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _responses_usage(u: _ResponsesUsage | None) -> Usage | None:
+    if u is None:
+        return None
+    return Usage(prompt_tokens=u.input_tokens or 0, completion_tokens=u.output_tokens or 0,
+                 cached_tokens=(u.input_tokens_details.cached_tokens or 0)
+                 if u.input_tokens_details else 0,
+                 reasoning_tokens=(u.output_tokens_details.reasoning_tokens or 0)
+                 if u.output_tokens_details else 0)
+
+
+def responses_usage(body: bytes | str) -> Usage | None:
+    """The usage of a Responses API ``response`` object."""
+    try:
+        return _responses_usage(_responses_decoder.decode(body).usage)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def responses_event(data: str) -> tuple[str, Usage | None]:
+    """(event type, usage if it is a final event) of one Responses API stream event."""
+    try:
+        ev = _responses_event_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "", None
+    usage = _responses_usage(ev.response.usage) if ev.response is not None else None
+    return ev.type, usage

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import orjson
+import trio
 
 from gwcore.pipeline import Outcome
 from gwcore.server.connection import Request, Responder
@@ -26,3 +27,11 @@ async def readyz(gw: "Gateway", request: Request, responder: Responder, out: Out
     ok = all(v == "ok" for v in checks.values())
     body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
     await responder.send(200 if ok else 503, headers + JSON, body)
+
+
+async def metrics(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
+                  headers: list[tuple[bytes, bytes]]) -> None:
+    if gw.metrics_require_key:
+        gw.auth.authenticate(request.header(b"authorization"))
+    body = gw.metrics.render(trio.current_time())
+    await responder.send(200, headers + [(b"content-type", b"text/plain; version=0.0.4")], body)

@@ -10,6 +10,7 @@ from typing import Any
 from gwcore.accesslog import AccessLog
 from gwcore.auth import Authenticator
 from gwcore.cache import ResponseCache
+from gwcore.metrics import Metrics
 from gwcore.errors import (GatewayError, InvalidRequest, MethodNotAllowed, NotFound,
                            RequestTooLarge)
 from gwcore.pipeline import Outcome, Pipeline
@@ -25,7 +26,7 @@ Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, b
 
 class Gateway:
     def __init__(self, pipeline: Pipeline, auth: Authenticator, access_log: AccessLog,
-                 limiter: RateLimiter, cache: ResponseCache,
+                 limiter: RateLimiter, cache: ResponseCache, metrics: Metrics,
                  *, ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  statistics: Callable[[], dict[str, Any]] | None = None) -> None:
         from gwcore.api import anthropic, openai, ops  # endpoint modules import this one's types
@@ -34,6 +35,8 @@ class Gateway:
         self.auth = auth
         self.limiter = limiter
         self.cache = cache
+        self.metrics = metrics
+        self.metrics_require_key = False
         self.access_log = access_log
         self.ready = ready
         self.statistics = statistics
@@ -45,6 +48,7 @@ class Gateway:
             ("POST", "/v1/messages"): anthropic.messages,
             ("GET", "/healthz"): ops.healthz,
             ("GET", "/readyz"): ops.readyz,
+            ("GET", "/metrics"): ops.metrics,
         }
         # Also without the /v1 prefix, for clients whose base URL lacks it.
         for (method, path), fn in list(table.items()):
@@ -73,15 +77,23 @@ class Gateway:
                         else exc.openai_body())
                 await responder.send(exc.status, headers + JSON + _encode(exc.headers), body)
         finally:
-            if request.path not in ("/healthz", "/readyz"):
+            if request.path not in ("/healthz", "/readyz", "/metrics"):
                 self._log(request, responder, out, rid)
 
     def _log(self, request: Request, responder: Responder, out: Outcome, rid: bytes) -> None:
+        latency_s = time.perf_counter() - request.started_at
+        routed = out.provider is not None
+        endpoint = request.path if request.path in self.paths else "other"
+        usage = out.usage
+        self.metrics.record(endpoint, (out.model or "") if routed else "", out.provider or "",
+                            responder.status or 499, out.error_code or "", latency_s,
+                            out.ttft_s, usage.prompt_tokens if usage else 0,
+                            usage.completion_tokens if usage else 0)
         record: dict[str, Any] = {
             "level": "info", "msg": "request", "request_id": rid.decode(),
             "method": request.method, "path": request.path,
             "status": responder.status or 499,  # 499: the client went away first
-            "latency_ms": round((time.perf_counter() - request.started_at) * 1000, 3),
+            "latency_ms": round(latency_s * 1000, 3),
             "client": request.client, "bytes_out": responder.bytes_sent,
         }
         if out.model is not None:
