@@ -326,3 +326,6 @@ def test_decisions_are_immutable_values(buckets_impl: ModuleType) -> None:
         "Decision(allowed=True, remaining=1.0, retry_after_s=0.0, limit=2.0, reset_s=0.5)")
     with pytest.raises(AttributeError):
         d.allowed = False  # type: ignore[misc]
+    coerced = buckets_impl.Decision(1, 2, 0, 3, 4)
+    assert coerced.astuple() == (True, 2.0, 0.0, 3.0, 4.0)
+    assert [type(v) for v in coerced.astuple()] == [bool, float, float, float, float]

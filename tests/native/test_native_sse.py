@@ -300,8 +300,11 @@ def test_feed_accepts_bytes_like_and_refuses_str(sse_impl: ModuleType) -> None:
         ("", "a", None, None)]
     assert [e.astuple() for e in parser.feed(memoryview(b"data: b\n\n"))] == [
         ("", "b", None, None)]
+    strided = memoryview(b"dxaxtxax:x xcx\nx\nx")[::2]  # not contiguous
+    assert [e.astuple() for e in parser.feed(strided)] == [("", "c", None, None)]
     with pytest.raises(TypeError):
         parser.feed("data: c\n\n")  # type: ignore[arg-type]
+    assert sse_impl.encode_event(memoryview(b"a-b")[::2]) == b"data: ab\n\n"
 
 
 # -- the size limit -------------------------------------------------------------------
@@ -376,6 +379,17 @@ def test_events_are_immutable_values(sse_impl: ModuleType) -> None:
     assert sse_impl.SSEEvent().astuple() == ("", "", None, None)
     with pytest.raises(AttributeError):
         a.data = "x"  # type: ignore[misc]
+
+
+def test_event_fields_are_plain_str(sse_impl: ModuleType) -> None:
+    class Text(str):
+        pass
+
+    event = sse_impl.SSEEvent(Text("e"), Text("d"), Text("i"))
+    assert [type(v) for v in event.astuple()[:3]] == [str, str, str]
+    for bad in [{"event": None}, {"data": b"d"}, {"id": 1}]:
+        with pytest.raises(TypeError):
+            sse_impl.SSEEvent(**bad)
 
 
 # -- writing --------------------------------------------------------------------------
