@@ -11,6 +11,7 @@ from gwcore.accesslog import AccessLog, event
 from gwcore.api.routes import Gateway, render_protocol_error
 from gwcore.auth import Authenticator
 from gwcore.config import Config, ConfigError, is_loopback
+from gwcore.accounting import PriceTable
 from gwcore.cache import ResponseCache
 from gwcore.metrics import Metrics, health_rows
 from gwcore.pipeline import Pipeline
@@ -67,7 +68,7 @@ class App:
             metrics = Metrics()
             metrics.health = health_rows(router)
             gateway = Gateway(pipeline, auth, self.access_log, limiter, cache, metrics,
-                              ready=ready)
+                              prices=PriceTable(cfg.prices), ready=ready)
             gateway.metrics_require_key = cfg.metrics.require_key
             self.gateway = gateway
             server = Server(gateway, limits, max_connections=s.max_connections,

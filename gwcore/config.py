@@ -114,9 +114,11 @@ class StaticKey(_Base):
 
 
 class Price(_Base):
+    """USD per million tokens."""
     input: float
     output: float
-    cached_input: float | None = None
+    cached_input: float | None = None   # prompt-cache reads; default: input
+    cache_write: float | None = None    # prompt-cache writes (Anthropic); default: input
 
 
 class ProviderCreds(_Base):

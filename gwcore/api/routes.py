@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gwcore.accesslog import AccessLog
+from gwcore.accounting import PriceTable
 from gwcore.auth import Authenticator
 from gwcore.cache import ResponseCache
 from gwcore.metrics import Metrics
@@ -27,7 +28,8 @@ Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, b
 class Gateway:
     def __init__(self, pipeline: Pipeline, auth: Authenticator, access_log: AccessLog,
                  limiter: RateLimiter, cache: ResponseCache, metrics: Metrics,
-                 *, ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                 *, prices: PriceTable | None = None,
+                 ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  statistics: Callable[[], dict[str, Any]] | None = None) -> None:
         from gwcore.api import anthropic, openai, ops  # endpoint modules import this one's types
 
@@ -37,6 +39,7 @@ class Gateway:
         self.cache = cache
         self.metrics = metrics
         self.metrics_require_key = False
+        self.prices = prices or PriceTable()
         self.access_log = access_log
         self.ready = ready
         self.statistics = statistics
@@ -104,6 +107,14 @@ class Gateway:
         if out.usage is not None:
             record.update(prompt_tokens=out.usage.prompt_tokens,
                           completion_tokens=out.usage.completion_tokens)
+            if out.usage.cached_tokens:
+                record["cached_tokens"] = out.usage.cached_tokens
+            if out.usage.reasoning_tokens:
+                record["reasoning_tokens"] = out.usage.reasoning_tokens
+            if out.upstream_model is not None:
+                cost = self.prices.cost_usd(out.upstream_model, out.usage)
+                if cost is not None:
+                    record["cost_usd"] = cost
         if out.ttft_s is not None:
             record["ttft_ms"] = round(out.ttft_s * 1000, 3)
         if out.error_code is not None:
