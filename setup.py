@@ -17,7 +17,7 @@ def extensions() -> list:
 
     # -ffp-contract=off: no fused multiply-add, so the compiled buckets do the same
     # float arithmetic as the pure twin, bit for bit.
-    cflags = ["-O0", "-g3", "-UNDEBUG"] if DEBUG else ["-O3", "-ffp-contract=off"]
+    cflags = (["-O0", "-g3", "-UNDEBUG"] if DEBUG else ["-O3"]) + ["-ffp-contract=off"]
     exts = [
         Extension(f"gwnative._{m}_c", [f"gwnative/_{m}_c.pyx"], extra_compile_args=cflags)
         for m in MODULES

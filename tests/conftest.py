@@ -11,37 +11,40 @@ import orjson
 import pytest
 import trio
 
-from gwcore.accesslog import AccessLog
-from gwcore.app import App
-from gwcore.config import Config, load_config
-
+# gwcore is imported lazily (inside the fixtures), so that tests/native can be
+# collected and run even while gwcore does not import.
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class CapturedLog(AccessLog):
+def captured_log() -> Any:
     """The real access log, writing into memory so tests can read the lines."""
+    from gwcore.accesslog import AccessLog
 
-    def __init__(self) -> None:
-        self.buffer = io.BytesIO()
-        super().__init__(self.buffer, flush_s=0.05)
+    class CapturedLog(AccessLog):
+        def __init__(self) -> None:
+            self.buffer = io.BytesIO()
+            super().__init__(self.buffer, flush_s=0.05)
 
-    def lines(self) -> list[dict[str, Any]]:
-        self.flush()
-        return [orjson.loads(x) for x in self.buffer.getvalue().splitlines()]
+        def lines(self) -> list[dict[str, Any]]:
+            self.flush()
+            return [orjson.loads(x) for x in self.buffer.getvalue().splitlines()]
 
-    async def wait_for(self, count: int, path: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-        """The log lines for ``path`` once there are ``count`` of them (the line is written
-        after the response, so a client may finish first)."""
-        with trio.fail_after(timeout_s):
-            while True:
-                got = [r for r in self.lines() if r["path"] == path]
-                if len(got) >= count:
-                    return got
-                await trio.sleep(0.01)
+        async def wait_for(self, count: int, path: str,
+                           timeout_s: float = 5.0) -> list[dict[str, Any]]:
+            """The log lines for ``path`` once there are ``count`` of them (the line is
+            written after the response, so a client may finish first)."""
+            with trio.fail_after(timeout_s):
+                while True:
+                    got = [r for r in self.lines() if r["path"] == path]
+                    if len(got) >= count:
+                        return got
+                    await trio.sleep(0.01)
+
+    return CapturedLog()
 
 
 class RunningGateway:
-    def __init__(self, app: App, log: CapturedLog) -> None:
+    def __init__(self, app: Any, log: Any) -> None:
         self.app = app
         self.log = log
         self.port = app.ports[0]
@@ -51,7 +54,9 @@ class RunningGateway:
 
 
 def make_config(yaml_text: str | None = None, *, env: dict[str, str] | None = None,
-                tmp_path: Path | None = None, **overrides: Any) -> Config:
+                tmp_path: Path | None = None, **overrides: Any) -> Any:
+    from gwcore.config import load_config
+
     path = None
     if yaml_text is not None:
         assert tmp_path is not None
@@ -62,8 +67,10 @@ def make_config(yaml_text: str | None = None, *, env: dict[str, str] | None = No
 
 
 @asynccontextmanager
-async def run_gateway(cfg: Config) -> AsyncIterator[RunningGateway]:
-    log = CapturedLog()
+async def run_gateway(cfg: Any) -> AsyncIterator[RunningGateway]:
+    from gwcore.app import App
+
+    log = captured_log()
     app = App(cfg, access_log=log)
     async with trio.open_nursery() as nursery:
         await nursery.start(app.serve)
