@@ -46,7 +46,8 @@ from gwcore.wire import (RESPONSES_FINAL, Usage, openai_usage, responses_event,
                          responses_usage)
 from gwnative.errors import SSEError
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# 529: Anthropic's "overloaded".
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
 # Backoff: 0.1 s doubling per retry, capped at 2 s, with full jitter (AWS architecture
 # blog, "Exponential Backoff And Jitter"); a retry-after longer than MAX_RETRY_AFTER_S
 # is not waited for: the error goes to the client instead.

@@ -119,8 +119,8 @@ def build_chat(body: dict[str, Any], dep: Deployment, base_url: str | None,
         if value is None or name in _DROPPED or name in _TRANSLATED:
             continue
         if name in _NEUTRAL:
-            if value in _NEUTRAL[name] and type(value) is not bool or value is False and \
-                    False in _NEUTRAL[name]:
+            if any(value == n and isinstance(value, bool) == isinstance(n, bool)
+                   for n in _NEUTRAL[name]):
                 continue
             raise _unsupported(name, "Anthropic has no equivalent")
         raise _unsupported(name, "unknown field")
@@ -368,7 +368,8 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     elif choice == "required":
         out = {"type": "any"}
     elif isinstance(choice, dict) and choice.get("type") == "function" and \
-            isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str):
+            isinstance(choice.get("function"), dict) and \
+            isinstance(choice["function"].get("name"), str):
         out = {"type": "tool", "name": choice["function"]["name"]}
     else:
         raise _unsupported("tool_choice", "only auto, none, required and a named function "
@@ -404,6 +405,13 @@ def _openai_usage(u: Usage) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
+def _hub_call(block: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic tool_use block as an OpenAI tool call (arguments: compact JSON)."""
+    return {"id": block.get("id"), "type": "function",
+            "function": {"name": block.get("name"),
+                         "arguments": orjson.dumps(block.get("input") or {}).decode()}}
+
+
 def _chat_id(message_id: Any) -> str:
     return f"chatcmpl-{message_id}" if isinstance(message_id, str) else "chatcmpl-"
 
@@ -428,9 +436,7 @@ def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | No
         if kind == "text":
             texts.append(block.get("text") or "")
         elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"),
-                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+            calls.append(_hub_call(block))
     message: dict[str, Any] = {"role": "assistant",
                                "content": None if calls and not texts else "".join(texts),
                                "refusal": None}
@@ -665,7 +671,8 @@ def ingress_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(messages, list):
         raise _required("messages: Input should be a valid list", "messages")
     thinking = body.get("thinking")
-    if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
+    if thinking is not None and \
+            not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
         raise _unsupported("thinking", "extended thinking cannot be translated to OpenAI chat")
 
     out: dict[str, Any] = {"model": model, "messages": []}
@@ -741,9 +748,7 @@ def _ingress_message(message: Any, where: str) -> list[dict[str, Any]]:
             if kind == "text":
                 texts.append(block.get("text") or "")
             elif kind == "tool_use":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"),
-                                           "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+                calls.append(_hub_call(block))
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # earlier private reasoning: an OpenAI model cannot take it back
             else:
@@ -1011,10 +1016,32 @@ def _hub_usage(u: dict[str, Any]) -> Usage:
     out_details = u.get("completion_tokens_details")
     return Usage(prompt_tokens=u.get("prompt_tokens") or 0,
                  completion_tokens=u.get("completion_tokens") or 0,
-                 cached_tokens=(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+                 cached_tokens=(details.get("cached_tokens") or 0)
+                 if isinstance(details, dict) else 0,
                  reasoning_tokens=(out_details.get("reasoning_tokens") or 0)
                  if isinstance(out_details, dict) else 0)
 
 
 def _ingress_frame(event: dict[str, Any]) -> bytes:
     return encode_event(orjson.dumps(event), event=event["type"])
+
+
+def build_passthrough(body: dict[str, Any], dep: Deployment, base_url: str | None,
+                      api_key: str | None) -> UpstreamRequest:
+    """An Anthropic-ingress request to an Anthropic deployment: sent as the client wrote
+    it, with only the model (and the gateway's provider key and API version) replaced."""
+    out = dict(body)
+    out["model"] = dep.model
+    return UpstreamRequest("POST", join_url(base_url or DEFAULT_BASE_URL, "/v1/messages"),
+                           _headers(api_key), orjson.dumps(out),
+                           stream=out.get("stream") is True)
+
+
+def usage_of(body: bytes) -> Usage | None:
+    """The normalised usage of an Anthropic Message (a passthrough answer)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = message.get("usage") if isinstance(message, dict) else None
+    return _usage_from(usage) if isinstance(usage, dict) else None

@@ -58,14 +58,18 @@ class StreamTranslator(Protocol):
 
 
 class ChatAdapter(Protocol):
-    """One upstream API, spoken in OpenAI chat format.  Pure functions of their input."""
+    """One upstream API, spoken in OpenAI chat format: what a module in
+    ``gwcore.providers`` offers (module-level functions; pure functions of their input).
+
+    ``StreamTranslator(model, include_usage, created)`` is a class attribute of the
+    module; a translator may also have ``close() -> list[bytes]``, called when the
+    upstream body ended cleanly (for APIs without an end-of-stream event).
+    """
 
     def build_chat(self, body: dict[str, Any], dep: Deployment, base_url: str,
                    api_key: str | None) -> UpstreamRequest: ...
 
-    def parse_chat(self, body: bytes, model: str) -> tuple[bytes, Usage | None]: ...
-
-    def stream_translator(self, model: str, include_usage: bool) -> StreamTranslator: ...
+    def parse_chat(self, body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]: ...
 
     def map_error(self, status: int, body: bytes,
                   headers: list[tuple[str, str]]) -> GatewayError: ...

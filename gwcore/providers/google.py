@@ -435,14 +435,15 @@ def gemini_schema(schema: Any, param: str, defs: dict[str, Any] | None = None,
             if not all(isinstance(t, str) and t in _SCHEMA_TYPES for t in types):
                 raise _schema_error(where, f"unknown type {value!r}")
             real = [t for t in types if t != "null"]
+            if not real:
+                out["type"] = "NULL"
+                continue
             if len(real) < len(types):
                 out["nullable"] = True
             if len(real) == 1:
                 out["type"] = _SCHEMA_TYPES[real[0]]
-            elif len(real) > 1:
-                out["anyOf"] = [{"type": _SCHEMA_TYPES[t]} for t in real]
             else:
-                out["type"] = "NULL"
+                out["anyOf"] = [{"type": _SCHEMA_TYPES[t]} for t in real]
         elif key == "const":
             if not isinstance(value, str):
                 raise _schema_error(where, "only string constants are supported")
@@ -481,6 +482,12 @@ def gemini_schema(schema: Any, param: str, defs: dict[str, Any] | None = None,
         else:
             raise _schema_error(where, f"the JSON Schema keyword {key!r} has no Gemini "
                                        "equivalent")
+    if "enum" in out and "type" not in out and "anyOf" not in out:
+        out["type"] = "STRING"  # Gemini's enums are strings, and need their type
+    # Gemini orders the fields of its output alphabetically unless told otherwise; keep
+    # the schema's order, as OpenAI does (the SDK adds propertyOrdering alike).
+    if len(out.get("properties") or ()) > 1 and "propertyOrdering" not in out:
+        out["propertyOrdering"] = list(out["properties"])
     return out
 
 
