@@ -275,12 +275,21 @@ def measure_ttfb(endpoint: Endpoint, n: int) -> TtfbRun:
 
     One keep-alive connection, c=1, raw socket: no client library in the figure.
     """
-    split = urlsplit(endpoint.url)
+    path = urlsplit(chat_url(endpoint.url)).path
+    return measure_ttfb_raw(endpoint.label, endpoint.url, path,
+                            {"Authorization": f"Bearer {endpoint.key}"}, chat_body(stream=True), n)
+
+
+def measure_ttfb_raw(label: str, url: str, path: str, headers: dict[str, str], body: bytes,
+                     n: int) -> TtfbRun:
+    """``measure_ttfb`` for any streaming POST: ``path`` (with its query) on ``url``'s host."""
+    endpoint = Endpoint(label, url, "")
+    split = urlsplit(url)
     host, port = split.hostname or "127.0.0.1", split.port or 80
-    body = chat_body(stream=True)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     request = (
-        f"POST {urlsplit(chat_url(endpoint.url)).path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Authorization: Bearer {endpoint.key}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
+        f"Content-Type: application/json\r\n"
         f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     samples: list[float] = []

@@ -11,13 +11,16 @@ from typing import Any, Callable, TypeVar
 
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
+from openai.types.responses import Response, ResponseStreamEvent
 
 from tests.support.mock_openai import (
     DEFAULT_REPLY,
     MockOpenAI,
     embedding_for,
+    input_tokens_for,
     prompt_tokens_for,
     reply_words,
     serve_mock_openai,
@@ -377,3 +380,344 @@ async def test_latency_delays_a_non_streaming_answer(upstream: MockOpenAI, clien
     assert trio.current_time() - started >= 0.1
     assert completion.choices[0].message.content == DEFAULT_REPLY
     assert upstream.streams_aborted == 0
+
+
+# -- the Responses API ---------------------------------------------------------
+
+# A Responses API function tool is flat: {type, name, parameters}, no "function" wrapper.
+RESPONSES_WEATHER_TOOL = {"type": "function", **WEATHER_TOOL["function"]}
+TEXT_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * len(reply_words(DEFAULT_REPLY)),
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def parse_sse(content: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each `event: ...` / `data: ...` pair of a Responses stream."""
+    events = content.split(b"\n\n")
+    assert events[-1] == b""
+    parsed = []
+    for event in events[:-1]:
+        name, data = event.split(b"\n")
+        parsed.append((name.removeprefix(b"event: ").decode(), json.loads(data.removeprefix(b"data: "))))
+    return parsed
+
+
+async def test_a_response_parses_with_the_sdk(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    raw = await in_thread(lambda: client.responses.with_raw_response.create(model="gpt-4o-mini", input="hi"))
+    response = raw.parse()
+
+    assert response.output_text == DEFAULT_REPLY
+    assert response.id.startswith("resp_")
+    assert (response.object, response.status, response.model) == ("response", "completed", "gpt-4o-mini")
+    assert response.error is None and response.incomplete_details is None
+    [message] = response.output
+    assert message.type == "message" and message.id.startswith("msg_")
+    assert (message.role, message.status) == ("assistant", "completed")
+    [part] = message.content
+    assert part.type == "output_text" and part.annotations == []
+    assert response.usage is not None
+    assert response.usage.input_tokens == input_tokens_for("hi") == 1
+    assert response.usage.output_tokens == len(DEFAULT_REPLY.split())
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    assert response.usage.input_tokens_details.cached_tokens == 0
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+    assert (response.parallel_tool_calls, response.tool_choice, response.tools) == (True, "auto", [])
+    assert response.text is not None and response.text.format.type == "text"
+    # Every field the SDK's model requires is there, with the right type (the SDK
+    # itself does not validate).
+    Response.model_validate(json.loads(raw.http_response.content))
+    assert raw.headers["x-request-id"].startswith("req_")
+    [recorded] = upstream.requests
+    assert (recorded.method, recorded.path) == ("POST", "/v1/responses")
+    assert recorded.json == {"model": "gpt-4o-mini", "input": "hi"}
+    assert upstream.counts["/v1/responses"] == 1
+
+
+async def test_input_items_and_instructions_count_as_input_and_parameters_are_echoed(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    items: Any = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Say hello to the gateway tests."}]},
+        {"type": "message", "role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And again, with feeling."},
+    ]
+    instructions = "You are a helpful assistant."
+
+    response = await in_thread(
+        lambda: client.responses.create(
+            model="gpt-4o",
+            input=items,
+            instructions=instructions,
+            temperature=0.2,
+            metadata={"k": "v"},
+            store=False,
+        )
+    )
+
+    assert response.output_text == DEFAULT_REPLY
+    assert response.usage is not None
+    assert response.usage.input_tokens == input_tokens_for(items, instructions)
+    assert input_tokens_for(items, instructions) == (28 + 31 + 6 + 24) // 4
+    assert (response.model, response.instructions, response.temperature) == ("gpt-4o", instructions, 0.2)
+    assert response.metadata == {"k": "v"}
+    assert upstream.requests[-1].json["store"] is False
+    assert json.loads(upstream.requests[-1].body)["input"] == items
+
+
+async def test_max_output_tokens_cuts_the_reply_and_makes_the_response_incomplete(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    response = await in_thread(
+        lambda: client.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=3)
+    )
+
+    assert response.output_text == "".join(reply_words(DEFAULT_REPLY)[:3])
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].status == "incomplete"
+    assert response.usage is not None and response.usage.output_tokens == 3
+    assert response.max_output_tokens == 3
+
+
+async def test_a_streamed_response_ends_with_the_completed_response_and_its_usage(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    def stream_all() -> tuple[list[Any], Any]:
+        with client.responses.stream(model="gpt-4o-mini", input="hi") as stream:
+            events = list(stream)
+            return events, stream.get_final_response()
+
+    events, final = await in_thread(stream_all)
+
+    assert [e.type for e in events] == TEXT_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    created = events[0].response
+    assert (created.status, created.usage, created.output) == ("in_progress", None, [])
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(e.delta for e in deltas) == DEFAULT_REPLY
+    assert deltas[-1].snapshot == DEFAULT_REPLY  # the SDK's accumulated text
+    assert {(e.item_id, e.output_index, e.content_index) for e in deltas} == {(events[2].item.id, 0, 0)}
+    assert all(e.logprobs == [] for e in deltas)
+    completed = events[-1].response
+    assert completed.id == created.id and completed.status == "completed"
+    assert completed.usage is not None
+    assert completed.usage.output_tokens == len(reply_words(DEFAULT_REPLY))
+    assert completed.usage.input_tokens == input_tokens_for("hi")
+    assert final.output_text == DEFAULT_REPLY
+    assert upstream.requests[-1].json["stream"] is True
+    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 1, 0)
+
+
+async def test_the_raw_responses_stream_is_openai_sse_without_done(upstream: MockOpenAI) -> None:
+    upstream.reply = "one two"
+    body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(upstream.base_url + "/responses", json=body)
+
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert b"[DONE]" not in response.content
+    events = parse_sse(response.content)
+    assert [name for name, _ in events] == [data["type"] for _, data in events]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    for _, data in events:  # each one is a valid SDK event, required fields and all
+        STREAM_EVENT.validate_python(data)
+    by_type = {name: data for name, data in events}
+    assert [data["delta"] for name, data in events if name == "response.output_text.delta"] == ["one ", "two"]
+    assert by_type["response.output_item.added"]["item"]["content"] == []
+    assert by_type["response.content_part.added"]["part"]["text"] == ""
+    assert by_type["response.output_text.done"]["text"] == "one two"
+    assert by_type["response.content_part.done"]["part"]["text"] == "one two"
+    assert by_type["response.output_item.done"]["item"]["status"] == "completed"
+    assert by_type["response.completed"]["response"]["output"] == [by_type["response.output_item.done"]["item"]]
+    assert by_type["response.completed"]["response"]["usage"]["output_tokens"] == 2
+
+
+async def test_a_streamed_response_cut_by_max_output_tokens_ends_incomplete(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    def stream_all() -> list[Any]:
+        return list(client.responses.create(model="gpt-4o-mini", input="hi", stream=True, max_output_tokens=2))
+
+    events = await in_thread(stream_all)
+
+    assert [e.type for e in events][-2:] == ["response.output_item.done", "response.incomplete"]
+    assert len([e for e in events if e.type == "response.output_text.delta"]) == 2
+    incomplete = events[-1].response
+    assert incomplete.status == "incomplete"
+    assert incomplete.incomplete_details is not None and incomplete.incomplete_details.reason == "max_output_tokens"
+    assert incomplete.output_text == "".join(reply_words(DEFAULT_REPLY)[:2])
+    assert incomplete.usage is not None and incomplete.usage.output_tokens == 2
+
+    def final_of_the_stream_helper() -> Any:
+        with client.responses.stream(model="gpt-4o-mini", input="hi", max_output_tokens=2) as stream:
+            return stream.get_final_response()
+
+    # The SDK's stream helper only finishes on response.completed (as with the real API).
+    with pytest.raises(RuntimeError, match="response.completed"):
+        await in_thread(final_of_the_stream_helper)
+
+
+async def test_a_function_call_response_parses_with_the_sdk(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    response = await in_thread(
+        lambda: client.responses.create(
+            model="gpt-4o-mini", input=TOOL_MESSAGES[0]["content"], tools=[RESPONSES_WEATHER_TOOL]
+        )
+    )
+
+    [call] = response.output
+    assert call.type == "function_call"
+    assert call.id is not None and call.id.startswith("fc_")
+    assert call.call_id.startswith("call_")
+    assert (call.name, call.status) == ("get_weather", "completed")
+    assert json.loads(call.arguments) == {"city": "mock", "unit": "celsius"}
+    assert response.output_text == ""
+    assert response.status == "completed"
+    assert response.tools[0].type == "function" and response.tools[0].name == "get_weather"
+
+
+async def test_a_function_call_output_gets_a_text_answer(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    items: Any = [
+        {"role": "user", "content": "What is the weather in Paris? Please call a tool."},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+    ]
+    response = await in_thread(
+        lambda: client.responses.create(model="gpt-4o-mini", input=items, tools=[RESPONSES_WEATHER_TOOL])
+    )
+    forced = await in_thread(
+        lambda: client.responses.create(
+            model="gpt-4o-mini", input="hi", tools=[RESPONSES_WEATHER_TOOL], tool_choice="required"
+        )
+    )
+    plain = await in_thread(
+        lambda: client.responses.create(model="gpt-4o-mini", input="hi", tools=[RESPONSES_WEATHER_TOOL])
+    )
+
+    assert response.output_text == DEFAULT_REPLY
+    assert forced.output[0].type == "function_call"
+    assert plain.output_text == DEFAULT_REPLY
+
+
+async def test_a_streamed_function_call_reassembles(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    def stream_all() -> tuple[list[Any], Any]:
+        with client.responses.stream(
+            model="gpt-4o-mini", input="Please call a tool.", tools=[RESPONSES_WEATHER_TOOL]
+        ) as stream:
+            return list(stream), stream.get_final_response()
+
+    events, final = await in_thread(stream_all)
+
+    types = [e.type for e in events]
+    assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert types[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2 and len(types) == 3 + len(deltas) + 3
+    assert events[2].item.type == "function_call" and events[2].item.arguments == ""
+    assert json.loads("".join(e.delta for e in deltas)) == {"city": "mock", "unit": "celsius"}
+    [call] = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "mock", "unit": "celsius"}
+    assert final.usage is not None and final.usage.output_tokens == len(deltas)
+
+
+async def test_bad_responses_requests_get_openai_400s(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"input": "hi"},
+        {"model": "gpt-4o-mini"},
+        {"model": 7, "input": "hi"},
+        {"model": "gpt-4o-mini", "input": {"text": "hi"}},
+        {"model": "gpt-4o-mini", "input": []},
+        {"model": "gpt-4o-mini", "input": ["hi"]},
+    ]
+    async with httpx.AsyncClient() as http:
+        answers = [await http.post(upstream.base_url + "/responses", json=body) for body in bodies]
+
+    assert [a.status_code for a in answers] == [400] * len(bodies)
+    errors = [a.json()["error"] for a in answers]
+    assert all(set(e) == {"message", "type", "param", "code"} for e in errors)
+    assert all(e["type"] == "invalid_request_error" for e in errors)
+    assert [e["param"] for e in errors] == ["model", "input", "model", "input", "input", "input[0]"]
+    assert errors[0]["code"] == "missing_required_parameter"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await in_thread(lambda: client.responses.create(model="gpt-4o-mini", input=[]))
+    assert caught.value.param == "input"
+    assert upstream.counts["/v1/responses"] == len(bodies) + 1
+
+
+async def test_a_forced_500_on_responses_raises_internal_server_error(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    upstream.status = 500
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        await in_thread(lambda: client.responses.create(model="gpt-4o-mini", input="hi"))
+    with pytest.raises(openai.InternalServerError):
+        await in_thread(lambda: client.responses.create(model="gpt-4o-mini", input="hi", stream=True))
+
+    assert caught.value.status_code == 500
+    assert caught.value.type == "server_error"
+    assert upstream.counts["/v1/responses"] == 2
+    assert upstream.streams_started == 0
+
+
+async def test_responses_stream_events_are_paced_and_an_early_close_is_an_abort(
+    upstream: MockOpenAI, client: openai.OpenAI
+) -> None:
+    upstream.reply = "a b c d e"
+    upstream.tokens_per_s = 50
+    arrivals: list[float] = []
+    async with httpx.AsyncClient() as http:
+        body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+        async with http.stream("POST", upstream.base_url + "/responses", json=body) as response:
+            async for piece in response.aiter_bytes():
+                arrivals += [trio.current_time()] * piece.count(b"event: ")
+
+    assert len(arrivals) == 4 + 5 + 4  # created ... content_part.added, the words, text done ... completed
+    assert arrivals[8] - arrivals[4] >= 0.06  # 5 tokens at 50/s: spread over ~80 ms
+
+    upstream.reply = " ".join(["word"] * 500)
+    upstream.tokens_per_s = 100  # 5 s of stream: the client leaves long before the end
+
+    def read_six_then_close() -> list[Any]:
+        stream = client.responses.create(model="gpt-4o-mini", input="hi", stream=True)
+        got = [next(stream) for _ in range(6)]
+        stream.close()
+        return got
+
+    got = await in_thread(read_six_then_close)
+    with trio.fail_after(5):
+        await upstream.aborted.wait()
+
+    assert got[5].type == "response.output_text.delta" and got[5].delta == "word "
+    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (2, 1, 1)
+
+
+async def test_responses_latency_and_hang_apply(upstream: MockOpenAI, client: openai.OpenAI) -> None:
+    upstream.latency_s = 0.1
+    started = trio.current_time()
+    response = await in_thread(lambda: client.responses.create(model="gpt-4o-mini", input="hi"))
+    assert trio.current_time() - started >= 0.1
+    assert response.output_text == DEFAULT_REPLY
+
+    upstream.reset()
+    upstream.hang = True
+    with pytest.raises(openai.APITimeoutError):
+        await in_thread(lambda: client.with_options(timeout=0.3).responses.create(model="gpt-4o-mini", input="hi"))
+    with trio.fail_after(5):
+        await upstream.aborted.wait()
+    assert upstream.streams_aborted == 1
+    assert upstream.counts["/v1/responses"] == 1

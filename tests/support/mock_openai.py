@@ -14,17 +14,37 @@ Per response:
     state            event                                next
     read request     /healthz                             answer 200, keep-alive
     read request     knob hang                            watch the socket until EOF -> aborted, close
-    read request     stream: true (chat)                  stream, watching the socket for EOF
-    streaming        all events and [DONE] sent           completed, keep-alive
+    read request     stream: true (chat, responses)       stream, watching the socket for EOF
+    streaming        all events sent ([DONE] for chat)    completed, keep-alive
     streaming        EOF seen / send failed               aborted, close
     read request     a delay is configured                wait (watching for EOF), then answer
     read request     otherwise                            answer at once, keep-alive
 
 Formats follow https://platform.openai.com/docs/api-reference/chat (objects
-`chat.completion`, `chat.completion.chunk`), .../embeddings and .../models, and
-were checked against the official `openai` SDK's pydantic types
+`chat.completion`, `chat.completion.chunk`), .../responses (object `response`
+and its streaming events), .../embeddings and .../models, and were checked
+against the official `openai` SDK's pydantic types
 (`openai/types/chat/chat_completion_chunk.py`, `completion_usage.py`,
+`types/responses/response.py`, `response_stream_event.py`, `response_usage.py`,
+`lib/streaming/responses/_responses.py` for how the SDK accumulates a stream,
 `lib/_parsing/_embeddings.py` for the base64 embedding decoding).
+
+The Responses API (`POST /v1/responses`) answers the same `reply` (or a
+`function_call` item, on the same trigger as chat tool calls). Its stream is one
+SSE event per `event: <type>` / `data: {"type", "sequence_number", ...}` pair:
+
+    event                                    carries
+    response.created, response.in_progress   the response: in_progress, output [], usage null
+    response.output_item.added               the message (or function_call) item, in_progress
+    response.content_part.added              message: an empty output_text part
+    response.output_text.delta               message: one per word (paced)
+    response.output_text.done                message: the whole text
+    response.content_part.done               message: the whole part
+    response.function_call_arguments.delta   function_call: one per argument fragment (paced)
+    response.function_call_arguments.done    function_call: the whole arguments
+    response.output_item.done                the finished item
+    response.completed                       the whole response with usage (response.incomplete
+                                             instead when cut at max_output_tokens); no [DONE]
 """
 
 from __future__ import annotations
@@ -55,6 +75,7 @@ __all__ = [
     "Recorded",
     "embedding_base64",
     "embedding_for",
+    "input_tokens_for",
     "prompt_tokens_for",
     "reply_words",
     "serve_mock_openai",
@@ -364,6 +385,184 @@ def _int_param(req: dict[str, Any], *names: str) -> int | None:
     return None
 
 
+# -- the Responses API (POST /v1/responses) ------------------------------------
+
+# The request parameters a Response object repeats, with what it says when the
+# request left them out (or sent null). Dict defaults are merged with what was sent.
+_RESPONSE_ECHO_DEFAULTS: dict[str, Any] = {
+    "instructions": None,
+    "max_output_tokens": None,
+    "max_tool_calls": None,
+    "parallel_tool_calls": True,
+    "previous_response_id": None,
+    "prompt_cache_key": None,
+    "reasoning": {"effort": None, "summary": None},
+    "safety_identifier": None,
+    "store": True,
+    "temperature": 1.0,
+    "text": {"format": {"type": "text"}, "verbosity": "medium"},
+    "tool_choice": "auto",
+    "tools": [],
+    "top_logprobs": 0,
+    "top_p": 1.0,
+    "truncation": "disabled",
+    "user": None,
+    "metadata": {},
+}
+
+
+def _item_text(item: Any) -> str:
+    """The text of one Responses input item: a message's content, or a tool call's output."""
+    if not isinstance(item, dict):
+        return ""
+    if "content" in item:
+        return _text_of(item["content"])
+    return _text_of(item.get("output"))  # function_call_output: a string or input_text parts
+
+
+def input_tokens_for(input: Any, instructions: Any = None) -> int:
+    """Deterministic input tokens of a Responses request, as `prompt_tokens_for` counts chat's:
+    characters of the instructions and the input's texts / 4, at least 1."""
+    chars = len(instructions) if isinstance(instructions, str) else 0
+    if isinstance(input, str):
+        chars += len(input)
+    elif isinstance(input, list):
+        chars += sum(len(_item_text(item)) for item in input)
+    return max(1, chars // 4)
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI's validation errors name a JSON value's type."""
+    if value is None:
+        return "null"
+    names = ((bool, "a boolean"), (str, "a string"), (int, "an integer"), (float, "a decimal"), (list, "an array"))
+    return next((name for type_, name in names if isinstance(value, type_)), "an object")
+
+
+def _pick_function(req: dict[str, Any]) -> dict[str, Any] | None:
+    """The function tool to call (`{type: "function", name, parameters}`), if the request asks for a call."""
+    tools = req.get("tools")
+    if not isinstance(tools, list):
+        return None
+    functions = [
+        t for t in tools if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("name"), str)
+    ]
+    if not functions:
+        return None
+    choice = req.get("tool_choice")
+    if choice == "none":
+        return None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return next((f for f in functions if f["name"] == choice.get("name")), functions[0])
+    if choice == "required":
+        return functions[0]
+    raw = req["input"]
+    last = raw if isinstance(raw, str) else _item_text(raw[-1])
+    return functions[0] if "call a tool" in last.lower() else None
+
+
+def _response_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        # `cache_write_tokens` is a required field of the SDK's InputTokensDetails.
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+@dataclass(slots=True)
+class _Response(_Chat):
+    """What to answer to one Responses API request; `completion()` is a Response object and
+    `events()` its stream. A `_Chat` (n = 1) so that the server plumbing serves it unchanged:
+    `prompt_tokens` are the input tokens, `finish_reason` "length" means incomplete, and
+    `tool_name`, `tool_arguments` describe a function call."""
+
+    echo: dict[str, Any] | None = None  # the repeated request parameters (_RESPONSE_ECHO_DEFAULTS' keys)
+    item_id: str = ""  # the output item's: "msg_..." or "fc_..."
+    call_id: str = ""  # a function call's "call_..."
+
+    @property
+    def _incomplete(self) -> bool:
+        return self.finish_reason == "length"
+
+    def _item(self, done: bool) -> dict[str, Any]:
+        """The output item: in progress (nothing generated yet) or done."""
+        status = ("incomplete" if self._incomplete else "completed") if done else "in_progress"
+        if self.tool_name is not None:
+            arguments = self.tool_arguments if done else ""
+            return {
+                "id": self.item_id,
+                "type": "function_call",
+                "status": status,
+                "arguments": arguments,
+                "call_id": self.call_id,
+                "name": self.tool_name,
+            }
+        content = [self._part("".join(self.words))] if done else []
+        return {"id": self.item_id, "type": "message", "status": status, "content": content, "role": "assistant"}
+
+    @staticmethod
+    def _part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+    def _response(self, done: bool) -> dict[str, Any]:
+        status = ("incomplete" if self._incomplete else "completed") if done else "in_progress"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "background": False,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "model": self.model,
+            "output": [self._item(True)] if done else [],
+            "service_tier": "default",
+            **(self.echo or {}),
+            "usage": _response_usage(self.prompt_tokens, self.completion_tokens) if done else None,
+        }
+
+    def completion(self) -> bytes:
+        return orjson.dumps(self._response(True))
+
+    def events(self) -> list[tuple[bool, bytes]]:
+        """The SSE events of the stream, each flagged True if it is a token (paced) event."""
+        sequence = itertools.count()
+
+        def event(type_: str, **fields: Any) -> bytes:
+            data = orjson.dumps({"type": type_, "sequence_number": next(sequence), **fields})
+            return b"event: " + type_.encode("ascii") + b"\ndata: " + data + b"\n\n"
+
+        at = {"item_id": self.item_id, "output_index": 0}
+        events = [
+            (False, event("response.created", response=self._response(False))),
+            (False, event("response.in_progress", response=self._response(False))),
+            (False, event("response.output_item.added", output_index=0, item=self._item(False))),
+        ]
+        if self.tool_name is None:
+            text = "".join(self.words)
+            events.append((False, event("response.content_part.added", **at, content_index=0, part=self._part(""))))
+            events += [
+                (True, event("response.output_text.delta", **at, content_index=0, delta=word, logprobs=[]))
+                for word in self.words
+            ]
+            events.append((False, event("response.output_text.done", **at, content_index=0, text=text, logprobs=[])))
+            events.append((False, event("response.content_part.done", **at, content_index=0, part=self._part(text))))
+        else:
+            events += [
+                (True, event("response.function_call_arguments.delta", **at, delta=fragment))
+                for fragment in self._fragments()
+            ]
+            events.append((False, event("response.function_call_arguments.done", **at, arguments=self.tool_arguments)))
+        events.append((False, event("response.output_item.done", output_index=0, item=self._item(True))))
+        final = "response.incomplete" if self._incomplete else "response.completed"
+        events.append((False, event(final, response=self._response(True))))
+        return events
+
+
 class _Answer:
     """A complete non-streaming answer."""
 
@@ -499,6 +698,71 @@ class MockOpenAI:
         chat.words = words
         return chat
 
+    def _plan_responses(self, req: Any) -> _Response | _Answer:
+        if not isinstance(req, dict):
+            return _Answer(400, _error_body("The request body must be a JSON object.", "invalid_request_error", None))
+        model, raw = req.get("model"), req.get("input")
+        for name, value in (("model", model), ("input", raw)):
+            if value is None:
+                message = f"Missing required parameter: '{name}'."
+                return _Answer(400, _error_body(message, "invalid_request_error", "missing_required_parameter", name))
+        if not isinstance(model, str) or not model:
+            message = f"Invalid type for 'model': expected a string, but got {_json_type(model)} instead."
+            if isinstance(model, str):
+                message = "Invalid 'model': empty string. Expected a string with minimum length 1."
+            return _Answer(400, _error_body(message, "invalid_request_error", "invalid_type", "model"))
+        if not isinstance(raw, (str, list)):
+            message = (
+                "Invalid type for 'input': expected one of a string or array of input items, "
+                f"but got {_json_type(raw)} instead."
+            )
+            return _Answer(400, _error_body(message, "invalid_request_error", "invalid_type", "input"))
+        if isinstance(raw, list):
+            if not raw:
+                message = (
+                    "Invalid 'input': empty array. Expected an array with minimum length 1, "
+                    "but got an empty array instead."
+                )
+                return _Answer(400, _error_body(message, "invalid_request_error", "empty_array", "input"))
+            for index, item in enumerate(raw):
+                if not isinstance(item, dict):
+                    param = f"input[{index}]"
+                    message = f"Invalid type for '{param}': expected an object, but got {_json_type(item)} instead."
+                    return _Answer(400, _error_body(message, "invalid_request_error", "invalid_type", param))
+        echo: dict[str, Any] = {}
+        for name, default in _RESPONSE_ECHO_DEFAULTS.items():
+            value = req.get(name)
+            if value is None:
+                value = default
+            elif isinstance(default, dict) and isinstance(value, dict):
+                value = {**default, **value}
+            echo[name] = value
+        plan = _Response(
+            id=self._next_id("resp_"),
+            created=int(time.time()),
+            model=model,
+            n=1,
+            prompt_tokens=input_tokens_for(raw, req.get("instructions")),
+            words=(),
+            finish_reason="stop",
+            stream=req.get("stream") is True,
+            echo=echo,
+        )
+        tool = _pick_function(req)
+        if tool is not None:
+            plan.item_id, plan.call_id = self._next_id("fc_"), "call_" + _random_id(24)
+            plan.tool_name = tool["name"]
+            plan.tool_arguments = _arguments_for(tool)
+            plan.finish_reason = "tool_calls"
+            return plan
+        plan.item_id = self._next_id("msg_")
+        words = reply_words(self.reply)
+        limit = _int_param(req, "max_output_tokens")
+        if limit is not None and limit < len(words):
+            words, plan.finish_reason = words[: max(0, limit)], "length"
+        plan.words = words
+        return plan
+
     def _embeddings(self, req: Any) -> _Answer:
         if not isinstance(req, dict) or not isinstance(req.get("model"), str):
             return _Answer(400, _error_body("you must provide a model parameter", "invalid_request_error", None))
@@ -543,6 +807,9 @@ class MockOpenAI:
                     return _Answer(400, _BAD_JSON_BODY), False
             if route == "/chat/completions":
                 plan = self._plan_chat(payload)
+                return plan, isinstance(plan, _Chat) and plan.stream
+            if route == "/responses":
+                plan = self._plan_responses(payload)
                 return plan, isinstance(plan, _Chat) and plan.stream
             if route == "/embeddings":
                 return self._embeddings(payload), False
@@ -720,7 +987,7 @@ class MockOpenAI:
                 next_token_at += interval_s
                 await trio.sleep_until(next_token_at)
             # The head goes with the first event, the last chunk with the last event
-            # ([DONE]); every event is its own write (trio sets TCP_NODELAY).
+            # ([DONE] for chat); every event is its own write (trio sets TCP_NODELAY).
             data = pending + (b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
             pending = b""
             if i == last and chunked:
@@ -765,7 +1032,8 @@ async def _while_watching(peer: _Peer, send: Callable[[], Awaitable[None]]) -> b
     receive side even while sleeping (pacing, delays), and a failed send while
     writing. Only a `send` that did not finish counts as abandoned: a client may
     well close as soon as it has read the last byte (the openai SDK does, on
-    `[DONE]`), and that EOF can be seen in the same scheduler tick.
+    `[DONE]` or at the end of a Responses stream), and that EOF can be seen in
+    the same scheduler tick.
     """
     finished = False
     async with trio.open_nursery() as nursery:
