@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Run the mock OpenAI upstream standalone (the benchmark upstream).
+"""Run a mock upstream standalone (the benchmark upstream): OpenAI by default.
 
-    python benchmarks/mock_upstream.py --port 9100 [--latency-ms X] [--tokens-per-s N] [--reply-words N]
+    python benchmarks/mock_upstream.py --port 9100 [--provider openai|anthropic|google]
+        [--latency-ms X] [--tokens-per-s N] [--reply-words N]
 
 Prints one line, `mock upstream listening on http://HOST:PORT/v1`, once it accepts
 connections (with `--port 0` that line tells the port it picked), then serves until
@@ -20,7 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
 
+from tests.support.mock_anthropic import serve_mock_anthropic  # noqa: E402
+from tests.support.mock_gemini import serve_mock_gemini  # noqa: E402
 from tests.support.mock_openai import DEFAULT_REPLY, serve_mock_openai  # noqa: E402
+
+SERVERS = {"openai": serve_mock_openai, "anthropic": serve_mock_anthropic,
+           "google": serve_mock_gemini}
 
 
 def reply_of(words: int) -> str:
@@ -32,6 +38,8 @@ def reply_of(words: int) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--provider", choices=sorted(SERVERS), default="openai",
+                        help="which API the mock speaks (default openai)")
     parser.add_argument("--port", type=int, default=9100, help="0 picks a free port (printed)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="extra latency of non-streaming answers")
     parser.add_argument("--first-byte-ms", type=float, default=0.0, help="delay before every response head")
@@ -51,7 +59,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.reply_words is not None:
         knobs["reply"] = reply_of(args.reply_words)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with serve_mock_openai(args.host, args.port, **knobs) as mock:
+        async with SERVERS[args.provider](args.host, args.port, **knobs) as mock:
             print(f"mock upstream listening on {mock.base_url}", flush=True)
             async for signum in signals:
                 print(f"mock upstream stopping ({signal.Signals(signum).name})", flush=True)

@@ -54,8 +54,12 @@ JSON Schemas (tool parameters, response_format) are translated to Gemini's Schem
 OpenAPI 3.0 subset (``types.Schema``): local ``$ref``s are inlined (``$defs`` /
 ``definitions``), ``type: [T, "null"]`` becomes ``nullable``, ``oneOf`` becomes
 ``anyOf``, a single-element ``allOf`` is merged, a string ``const`` becomes a one-value
-``enum``, ``format`` is kept only when Gemini knows it (enum, date-time, int32, int64,
-float, double; JSON Schema itself makes format an annotation).  Keys in ``SCHEMA_DROPPED_KEYS`` (annotations, and ``additionalProperties``,
+``enum`` (an enum without a type gets type STRING: Gemini's enums are strings),
+``format`` is kept only when Gemini knows it (enum, date-time, int32, int64, float,
+double; JSON Schema itself makes format an annotation), and objects with several
+properties get ``propertyOrdering`` in schema order (Gemini otherwise orders its output
+alphabetically; the SDK does the same).  A function whose parameters are an object
+without properties is declared without parameters (Gemini refuses an empty OBJECT).  Keys in ``SCHEMA_DROPPED_KEYS`` (annotations, and ``additionalProperties``,
 which Gemini's Schema rejects) are dropped; any other key Gemini's Schema lacks (``not``,
 ``if``, ``patternProperties``, ``uniqueItems``, ``multipleOf``, ``exclusiveMinimum`` ...)
 is a 400 naming the field: silently loosening a schema would change the answer.
@@ -113,7 +117,7 @@ from gwnative import encode_event
 __all__ = [
     "CONTENT_FILTER_REASONS", "DEFAULT_BASE_URL", "DROPPED_PARAMETERS", "SCHEMA_DROPPED_KEYS",
     "UNSUPPORTED_PARAMETERS", "StreamTranslator", "build_chat", "gemini_schema", "map_error",
-    "parse_chat", "usage_from_metadata",
+    "model_url", "parse_chat", "usage_from_metadata", "usage_json",
 ]
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -270,8 +274,8 @@ def _image_part(image: Any, param: str) -> dict[str, Any]:
     if url.startswith("data:"):
         return _data_url(url, param)
     if url.startswith(("https://", "http://")):
-        path = url.split("?", 1)[0].split("#", 1)[0]
-        ext = path.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in path.rsplit("/", 1)[-1] else ""
+        name = url.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1]
+        ext = name.rpartition(".")[2].lower() if "." in name else ""
         return {"fileData": {"mimeType": _MIME_BY_EXTENSION.get(ext, _DEFAULT_IMAGE_MIME),
                              "fileUri": url}}
     raise InvalidRequest("An image URL must be a data: URL or an http(s) URL.", param=param)

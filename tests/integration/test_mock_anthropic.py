@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from gwcore.config import Deployment
 from gwcore.providers import anthropic as adapter
@@ -96,6 +97,8 @@ async def test_a_stream_concatenates_to_the_reply(upstream: MockAnthropic, clien
     assert final.stop_reason == "end_turn"
     assert final.usage.input_tokens == input_tokens_for({"messages": MESSAGES})
     assert final.usage.output_tokens == len(reply_words(DEFAULT_REPLY))
+    # The client may finish reading before the mock's task has recorded the end.
+    await trio.testing.wait_all_tasks_blocked()
     assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 1, 0)
 
 
