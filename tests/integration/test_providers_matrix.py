@@ -155,3 +155,43 @@ async def test_streamed_and_plain_calls_cost_the_same(gateway_factory, upstream)
         for field in ("prompt_tokens", "completion_tokens", "cost_usd"):
             assert plain[field] == streamed_line[field], field
         assert plain["cost_usd"] > 0
+
+
+async def test_messages_errors_come_in_anthropic_format(gateway_factory):
+    async with matrix(gateway_factory) as (gw, mocks):
+        bad = track(anthropic.Anthropic(base_url=gw.url, api_key="wrong-key-1234", max_retries=0))
+        with pytest.raises(anthropic.AuthenticationError) as err:
+            await in_thread(bad.messages.create, model="via-openai", max_tokens=10,
+                            messages=[{"role": "user", "content": "hi"}])
+        assert err.value.body["type"] == "error"
+        assert err.value.body["error"]["type"] == "authentication_error"
+        c = anthropic_client(gw)
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await in_thread(c.messages.create, model="no-such-model", max_tokens=10,
+                            messages=[{"role": "user", "content": "hi"}])
+        assert err.value.body["error"]["type"] == "not_found_error"
+        # An untranslatable field is a 400 naming it, never a silently different request.
+        with pytest.raises(anthropic.BadRequestError) as err:
+            await in_thread(c.messages.create, model="via-openai", max_tokens=10, extra_body={"top_k": 5},
+                            messages=[{"role": "user", "content": "hi"}])
+        assert "top_k" in err.value.message
+        assert mocks["openai"].counts == {}
+        # The upstream's own error, in Anthropic's format.
+        mocks["google"].status = 429
+        with pytest.raises(anthropic.RateLimitError):
+            await in_thread(c.messages.create, model="via-google", max_tokens=10,
+                            messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_messages_accepts_x_api_key(gateway_factory):
+    import httpx
+
+    async with matrix(gateway_factory) as (gw, mocks):
+        async with httpx.AsyncClient() as h:
+            r = await h.post(f"{gw.url}/v1/messages", headers={"x-api-key": KEY},
+                             json={"model": "via-anthropic", "max_tokens": 50,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["type"] == "message"
+        sent = mocks["anthropic"].requests[-1]
+        assert sent.headers["x-api-key"] == "sk-a-123"  # the provider key, not the caller's
+        assert sent.json["model"] == "claude-3-5-haiku-latest"
