@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer every model with the built-in mock provider")
     serve.add_argument("--no-auth", action="store_true",
                        help="allow an open gateway (no keys) on a non-loopback address")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="YAML config file")
     sub.add_parser("version", help="print versions and which native modules are active")
@@ -50,19 +51,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(orjson.dumps(masked(cfg), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    return _serve(cfg)
+    return _serve(cfg, args)
 
 
-def _serve(cfg: Any) -> int:
+def _serve(cfg: Any, args: argparse.Namespace) -> int:
     import trio
 
-    from gwcore.app import App, run_until_signal
+    from gwcore.app import App, check_bind_safety, run_until_signal
     from gwcore.config import ConfigError
 
-    if cfg.server.workers > 1:
-        print("gwcore: --workers > 1 is not available in this build yet; run one process "
-              "per port or behind a balancer", file=sys.stderr)
-        return EXIT_CONFIG
+    if cfg.server.workers > 1 and not args.worker:
+        from gwcore.supervisor import Supervisor
+
+        try:
+            check_bind_safety(cfg)
+        except ConfigError as exc:
+            print(f"gwcore: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        passthrough = [a for flag, a in (("config", args.config and f"--config={args.config}"),
+                                         ("demo", args.demo and "--demo"),
+                                         ("no_auth", args.no_auth and "--no-auth")) if a]
+        try:
+            return Supervisor(passthrough, cfg.server.host, cfg.server.port,
+                              cfg.server.workers, cfg.server.shutdown_grace_s).run()
+        except OSError as exc:
+            print(f"gwcore: cannot listen on {cfg.server.host}:{cfg.server.port}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            return 1
     try:
         app = App(cfg)
     except ConfigError as exc:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import os
+
 import orjson
 import trio
 
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
     from gwcore.api.routes import Gateway
 
 JSON = [(b"content-type", b"application/json")]
-_OK = orjson.dumps({"status": "ok"})
+_OK = orjson.dumps({"status": "ok", "pid": os.getpid()})
 
 
 async def healthz(gw: "Gateway", request: Request, responder: Responder, out: Outcome,

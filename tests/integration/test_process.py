@@ -1,6 +1,7 @@
 """The gateway as users run it: a process, signals, the command line."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -152,3 +153,41 @@ def test_python_dash_m_and_console_script_agree():
     assert (ROOT / "gwcore" / "__main__.py").is_file()
     r = gwcore("--help")
     assert r.returncode == 0 and "serve" in r.stdout
+
+
+def test_workers_share_one_port_and_a_crashed_worker_is_restarted(tmp_path):
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(SLOW_DEMO)
+    proc, port = start_gateway("--demo", "--workers", "2", "--config", str(cfg))
+    try:
+        def pids(n: int = 60) -> set[int]:
+            seen = set()
+            for _ in range(n):  # a new connection each time: the kernel spreads them
+                seen.add(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["pid"])
+            return seen
+
+        deadline = time.monotonic() + 15
+        first = pids()
+        while len(first) < 2 and time.monotonic() < deadline:  # the second may still start
+            first |= pids(20)
+        assert len(first) == 2, first
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            try:
+                seen = pids(20)
+            except httpx.HTTPError:
+                continue
+            if len(seen) == 2 and victim not in seen:
+                break
+        assert len(seen) == 2 and victim not in seen, (victim, seen)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        err = proc.stderr.read().decode()
+        assert '"msg":"worker restarted"' in err and '"msg":"supervisor stopped"' in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
