@@ -1,18 +1,36 @@
-"""Gateway keys: who is calling.
+"""Gateway keys: who is calling, what it may do, and whether its budget allows it.
 
 Keys are never compared as strings: the presented key is hashed (SHA-256) and the
 digest looked up, then confirmed with ``hmac.compare_digest``, so the time taken does
-not depend on how much of a key matched.  Only digests are held in memory, and keys
-never appear in logs or errors (the log carries the key's name).
+not depend on how much of a key matched.  Only digests are held, in memory and in the
+store, and keys never appear in logs or errors (the log carries the key's name).
+
+Static keys (``GATEWAY_API_KEYS``, ``keys:`` in the config, the master key) are
+resolved in memory.  Dynamic keys live in the KeyStore; a lookup is cached in-process
+for ``KEY_CACHE_TTL_S`` (hits and misses alike, bounded), so a key revoked through the
+admin API or the CLI stops working on every worker within that time.
+
+Budgets: a key's spend is what the store has recorded (the audit writer adds every
+request's cost there, within about a second) or what this process has added since,
+whichever is larger; a key at or over its budget gets 429 ``insufficient_quota``.  The
+cluster can overshoot a budget by the cost of the requests in flight when it is
+reached plus what other workers spent in the last flush interval and TTL.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gwcore.config import Config
-from gwcore.errors import InvalidApiKey, ModelNotAllowed
+from gwcore.errors import InsufficientQuota, InvalidApiKey, ModelNotAllowed
+from gwcore.ports import KeyRecord, KeyStore
+
+KEY_CACHE_TTL_S = 5.0
+KEY_CACHE_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +42,7 @@ class KeyInfo:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+    budget_pico: int | None = None
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -37,26 +56,50 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def key_info(record: KeyRecord) -> KeyInfo:
+    return KeyInfo(id=record.id, name=record.name,
+                   models=frozenset(record.models) if record.models is not None else None,
+                   rpm=record.rpm, tpm=record.tpm, max_concurrency=record.max_concurrency,
+                   budget_pico=record.budget_pico)
+
+
 class Authenticator:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, store: KeyStore | None = None,
+                 spend: Callable[[str], Awaitable[int]] | None = None) -> None:
         self._keys: dict[bytes, tuple[bytes, KeyInfo]] = {}
         for i, key in enumerate(cfg.api_keys):
             d = digest(key)
             self._keys[d] = (d, KeyInfo(id=f"static-{d[:4].hex()}", name=f"api-key-{i + 1}"))
         for k in cfg.keys:
             d = digest(k.key)
+            budget = None if k.budget_usd is None else int(round(k.budget_usd * 10**12))
             self._keys[d] = (d, KeyInfo(id=f"static-{d[:4].hex()}", name=k.name,
                                         models=frozenset(k.models) if k.models is not None else None,
-                                        rpm=k.rpm, tpm=k.tpm, max_concurrency=k.max_concurrency))
+                                        rpm=k.rpm, tpm=k.tpm, max_concurrency=k.max_concurrency,
+                                        budget_pico=budget))
         if cfg.master_key:
             d = digest(cfg.master_key)
             self._keys[d] = (d, KeyInfo(id="master", name="master", is_master=True))
-        self.enabled = bool(self._keys)
+        self.store = store
+        # digest -> (expires at, KeyInfo or None, spent_pico from the store)
+        self._cache: OrderedDict[bytes, tuple[float, KeyInfo | None, int]] = OrderedDict()
+        self._spent: dict[str, int] = {}
+        self._spend_read: dict[str, float] = {}  # key id -> when the store's spend was read
+        self._spend = spend
+        self.lookups = 0
+        # Open (no auth) only when there is no key anywhere: no static key and no store.
+        # A store that may hold keys turns auth on.
+        self.enabled = bool(self._keys) or store is not None
 
-    def authenticate(self, authorization: bytes | None, x_api_key: bytes | None = None) -> KeyInfo:
+    @staticmethod
+    def presented(authorization: bytes | None, x_api_key: bytes | None = None) -> bytes | None:
+        return _bearer(authorization) if authorization else x_api_key
+
+    async def authenticate(self, authorization: bytes | None,
+                           x_api_key: bytes | None = None) -> KeyInfo:
         if not self.enabled:
             return ANONYMOUS
-        presented = _bearer(authorization) if authorization else x_api_key
+        presented = self.presented(authorization, x_api_key)
         if not presented:
             raise InvalidApiKey("You didn't provide an API key. Pass a gateway key as "
                                 "'Authorization: Bearer <key>'.")
@@ -64,9 +107,62 @@ class Authenticator:
         # The lookup is on a digest of the secret, so its timing says nothing about the
         # key; the stored digest is then confirmed in constant time.
         entry = self._keys.get(d)
-        if entry is None or not hmac.compare_digest(entry[0], d):
-            raise InvalidApiKey()
-        return entry[1]
+        if entry is not None and hmac.compare_digest(entry[0], d):
+            return entry[1]
+        if self.store is not None:
+            info = await self._dynamic(d)
+            if info is not None:
+                return info
+        raise InvalidApiKey()
+
+    async def _dynamic(self, d: bytes) -> KeyInfo | None:
+        now = time.monotonic()
+        hit = self._cache.get(d)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        assert self.store is not None
+        self.lookups += 1
+        record = await self.store.get_by_hash(d.hex())
+        info: KeyInfo | None = None
+        spent = 0
+        if record is not None and hmac.compare_digest(record.key_hash, d.hex()):
+            wall = time.time()
+            if record.revoked_at is None and (record.expires_at is None or record.expires_at > wall):
+                info = key_info(record)
+                spent = record.spent_pico
+        self._cache[d] = (now + KEY_CACHE_TTL_S, info, spent)
+        self._cache.move_to_end(d)
+        while len(self._cache) > KEY_CACHE_MAX:
+            self._cache.popitem(last=False)
+        if info is not None:
+            self._spent[info.id] = max(self._spent.get(info.id, 0), spent)
+            self._spend_read[info.id] = now
+        return info
+
+    def forget(self, key_hash_hex: str) -> None:
+        """Drop a cached lookup at once (this worker's own admin changes)."""
+        self._cache.pop(bytes.fromhex(key_hash_hex), None)
+
+    # -- budgets ------------------------------------------------------------------
+    async def check_budget(self, key: KeyInfo) -> None:
+        if key.budget_pico is None:
+            return
+        now = time.monotonic()
+        if self._spend is not None and now - self._spend_read.get(key.id, -KEY_CACHE_TTL_S) \
+                >= KEY_CACHE_TTL_S:
+            self._spend_read[key.id] = now
+            recorded = await self._spend(key.id)
+            self._spent[key.id] = max(self._spent.get(key.id, 0), recorded)
+        if self._spent.get(key.id, 0) >= key.budget_pico:
+            raise InsufficientQuota("This key has used up its budget. Ask the gateway's "
+                                    "operator to raise it.")
+
+    def add_spend(self, key: KeyInfo, cost_pico: int) -> None:
+        if key.budget_pico is not None and cost_pico:
+            self._spent[key.id] = self._spent.get(key.id, 0) + cost_pico
+
+    def statistics(self) -> dict[str, int]:
+        return {"key_cache_entries": len(self._cache), "key_store_lookups_total": self.lookups}
 
 
 def _bearer(value: bytes) -> bytes | None:

@@ -67,6 +67,7 @@ class Outcome:
     usage: Usage | None = None
     error_code: str | None = None
     ttft_s: float | None = None
+    key: Any = None                # the caller's auth.KeyInfo, once known
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -19,8 +19,9 @@ SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control"
 
 async def messages(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                    headers: list[tuple[bytes, bytes]]) -> None:
-    key: KeyInfo = gw.auth.authenticate(request.header(b"authorization"),
-                                        request.header(b"x-api-key"))
+    key: KeyInfo = await gw.auth.authenticate(request.header(b"authorization"),
+                                              request.header(b"x-api-key"))
+    out.key = key
     out.extra["key"] = key.name
     body = parse_json_body(request.body)
     model = body.get("model")

@@ -30,15 +30,16 @@ SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control"
 NO_USAGE = Usage()
 
 
-def _authenticate(gw: "Gateway", request: Request, out: Outcome) -> KeyInfo:
-    key = gw.auth.authenticate(request.header(b"authorization"))
+async def _authenticate(gw: "Gateway", request: Request, out: Outcome) -> KeyInfo:
+    key = await gw.auth.authenticate(request.header(b"authorization"))
+    out.key = key
     out.extra["key"] = key.name
     return key
 
 
 async def chat_completions(gw: "Gateway", request: Request, responder: Responder,
                            out: Outcome, headers: list[tuple[bytes, bytes]]) -> None:
-    key = _authenticate(gw, request, out)
+    key = await _authenticate(gw, request, out)
     body = parse_json_body(request.body)
     model = require_model(body)
     out.model = model
@@ -56,7 +57,7 @@ async def chat_completions(gw: "Gateway", request: Request, responder: Responder
 
 async def embeddings(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                      headers: list[tuple[bytes, bytes]]) -> None:
-    key = _authenticate(gw, request, out)
+    key = await _authenticate(gw, request, out)
     body = parse_json_body(request.body)
     model = require_model(body)
     out.model = model
@@ -72,7 +73,7 @@ async def embeddings(gw: "Gateway", request: Request, responder: Responder, out:
 async def responses(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                     headers: list[tuple[bytes, bytes]]) -> None:
     """OpenAI Responses API, passed through to OpenAI-family deployments."""
-    key = _authenticate(gw, request, out)
+    key = await _authenticate(gw, request, out)
     body = parse_json_body(request.body)
     model = require_model(body)
     out.model = model
@@ -93,6 +94,7 @@ async def serve_call(gw: "Gateway", request: Request, responder: Responder, out:
     """Limits around the answer: admit, answer (cache or upstream), settle."""
     key.check_model(model)
     route = gw.pipeline.route(model)  # 404 before any limit is spent
+    await gw.auth.check_budget(key)
     adm = gw.limiter.admit(key, model, call.hub() if call.kind == "chat" else call.body,
                            len(request.body), trio.current_time())
     headers.extend(adm.headers)
@@ -156,7 +158,7 @@ async def list_models(gw: "Gateway", request: Request, responder: Responder, out
     Names that route by prefix (``gpt-*`` ...) are open-ended, so they are not listed;
     a key restricted to certain models sees only those.
     """
-    key = _authenticate(gw, request, out)
+    key = await _authenticate(gw, request, out)
     router = gw.pipeline.router
     created = int(time.time())
     names: list[str] = router.named_models()

@@ -34,6 +34,6 @@ async def readyz(gw: "Gateway", request: Request, responder: Responder, out: Out
 async def metrics(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                   headers: list[tuple[bytes, bytes]]) -> None:
     if gw.metrics_require_key:
-        gw.auth.authenticate(request.header(b"authorization"))
+        await gw.auth.authenticate(request.header(b"authorization"))
     body = gw.metrics.render(trio.current_time())
     await responder.send(200, headers + [(b"content-type", b"text/plain; version=0.0.4")], body)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gwcore.accesslog import AccessLog
-from gwcore.accounting import PriceTable
+from gwcore.accounting import PICO, PriceTable
 from gwcore.auth import Authenticator
 from gwcore.cache import ResponseCache
 from gwcore.metrics import Metrics
@@ -111,10 +111,12 @@ class Gateway:
                 record["cached_tokens"] = out.usage.cached_tokens
             if out.usage.reasoning_tokens:
                 record["reasoning_tokens"] = out.usage.reasoning_tokens
-            if out.upstream_model is not None:
-                cost = self.prices.cost_usd(out.upstream_model, out.usage)
+            if out.upstream_model is not None and out.extra.get("cache") != "hit":
+                cost = self.prices.cost_pico(out.upstream_model, out.usage)
                 if cost is not None:
-                    record["cost_usd"] = cost
+                    record["cost_usd"] = cost / PICO
+                    if out.key is not None:
+                        self.auth.add_spend(out.key, cost)
         if out.ttft_s is not None:
             record["ttft_ms"] = round(out.ttft_s * 1000, 3)
         if out.error_code is not None:

@@ -47,28 +47,28 @@ def test_named_routes_win_and_weights_shape_the_order(tmp_path):
     assert router.pick(route, 0.0, rng, {0, 1}) is None
 
 
-def test_keys_authenticate_by_digest_and_check_models(tmp_path):
+async def test_keys_authenticate_by_digest_and_check_models(tmp_path):
     c = cfg(tmp_path, "keys:\n  - {key: team-a-key-123, name: team-a, models: [m1]}\n",
             GATEWAY_API_KEYS="plain-key-1234", GATEWAY_MASTER_KEY="master-key-1234")
     auth = Authenticator(c)
-    assert auth.authenticate(b"Bearer team-a-key-123").name == "team-a"
-    assert auth.authenticate(b"bearer plain-key-1234").name == "api-key-1"
-    assert auth.authenticate(b"Bearer master-key-1234").is_master
-    assert auth.authenticate(None, b"plain-key-1234").name == "api-key-1"
+    assert (await auth.authenticate(b"Bearer team-a-key-123")).name == "team-a"
+    assert (await auth.authenticate(b"bearer plain-key-1234")).name == "api-key-1"
+    assert (await auth.authenticate(b"Bearer master-key-1234")).is_master
+    assert (await auth.authenticate(None, b"plain-key-1234")).name == "api-key-1"
     for bad in (None, b"Bearer", b"Basic abc", b"Bearer team-a-key-12", b"Bearer TEAM-A-KEY-123"):
         with pytest.raises(InvalidApiKey) as err:
-            auth.authenticate(bad)
+            await auth.authenticate(bad)
         assert "team-a-key" not in err.value.message
-    key = auth.authenticate(b"Bearer team-a-key-123")
+    key = await auth.authenticate(b"Bearer team-a-key-123")
     key.check_model("m1")
     with pytest.raises(ModelNotAllowed):
         key.check_model("m2")
 
 
-def test_no_keys_means_open(tmp_path):
+async def test_no_keys_means_open(tmp_path):
     auth = Authenticator(cfg(tmp_path))
     assert not auth.enabled
-    assert auth.authenticate(None).name == "anonymous"
+    assert (await auth.authenticate(None)).name == "anonymous"
 
 
 def test_circuit_breaker_opens_probes_and_closes(tmp_path):
