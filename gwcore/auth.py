@@ -87,9 +87,12 @@ class Authenticator:
         self._spend_read: dict[str, float] = {}  # key id -> when the store's spend was read
         self._spend = spend
         self.lookups = 0
-        # Open (no auth) only when there is no key anywhere: no static key and no store.
-        # A store that may hold keys turns auth on.
-        self.enabled = bool(self._keys) or store is not None
+        # Open (no auth) only when there is no key anywhere; app.py also turns auth on
+        # when the store holds an active key at start-up (``require_keys``).
+        self.enabled = bool(self._keys)
+
+    def require_keys(self) -> None:
+        self.enabled = True
 
     @staticmethod
     def presented(authorization: bytes | None, x_api_key: bytes | None = None) -> bytes | None:

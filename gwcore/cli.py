@@ -27,6 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="YAML config file")
     sub.add_parser("version", help="print versions and which native modules are active")
+    keys = sub.add_parser("keys", help="manage gateway keys in the configured store")
+    keys.add_argument("--config", help="YAML config file")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--models", help="comma-separated model names it may call (default all)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--max-concurrency", type=int, help="requests in flight")
+    create.add_argument("--budget-usd", type=float, help="spend limit in USD")
+    lst = ksub.add_parser("list", help="list keys (never the keys themselves)")
+    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
+    revoke = ksub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
     return p
 
 
@@ -51,7 +65,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(orjson.dumps(masked(cfg), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    if args.command == "keys":
+        return _keys(cfg, args)
     return _serve(cfg, args)
+
+
+def _keys(cfg: Any, args: argparse.Namespace) -> int:
+    """The CLI twin of /admin/keys, against the configured store."""
+    import trio
+
+    from gwcore.errors import GatewayError
+    from gwcore.keys import KeyParams, check_params, new_key, show
+    from gwcore.stores.factory import open_sql_store
+
+    async def run() -> int:
+        async with open_sql_store(cfg) as store:
+            if args.keys_command == "create":
+                params = KeyParams(name=args.name,
+                                   models=[m.strip() for m in args.models.split(",") if m.strip()]
+                                   if args.models else None,
+                                   rpm=args.rpm, tpm=args.tpm,
+                                   max_concurrency=args.max_concurrency,
+                                   budget_usd=args.budget_usd)
+                check_params(params, creating=True)
+                record, secret = new_key(params)
+                await store.create_key(record)
+                print(secret)
+                print(f"created {record.id} ({record.name}); the key is shown only once",
+                      file=sys.stderr)
+                return 0
+            if args.keys_command == "list":
+                records = [show(r) for r in await store.list_keys()]
+                if args.json:
+                    print(orjson.dumps(records, option=orjson.OPT_INDENT_2).decode())
+                    return 0
+                print(f"{'id':22} {'name':20} {'prefix':8} {'budget':>10} {'spent':>12} state")
+                for r in records:
+                    budget = "-" if r["budget_usd"] is None else f"{r['budget_usd']:.2f}"
+                    print(f"{r['id']:22} {r['name'][:20]:20} {r['prefix']:8} {budget:>10} "
+                          f"{r['spent_usd']:>12.6f} {'revoked' if r['revoked'] else 'active'}")
+                return 0
+            import time as _time
+
+            if not await store.revoke(args.id, _time.time()):
+                print(f"gwcore: no key with id {args.id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+            return 0
+
+    try:
+        return trio.run(run)
+    except GatewayError as exc:
+        print(f"gwcore: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _serve(cfg: Any, args: argparse.Namespace) -> int:

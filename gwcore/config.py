@@ -157,6 +157,15 @@ class ServerConfig(_Base):
     stream_keepalive_s: float = 15.0
 
 
+class StorageConfig(_Base):
+    # The embedded default when DATABASE_URL is unset (keys, usage, audit log).
+    sqlite_path: str = "data/gateway.db"
+    # Audit batches wait here while the database is unreachable.
+    spool_dir: str = "data/spool"
+    # Audit rows older than this are dropped (whole day partitions on Postgres).
+    retention_days: int = 30
+
+
 class LogConfig(_Base):
     access_log: bool = True
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -177,6 +186,7 @@ class Config(_Base):
     middleware: list[str] = []
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage: StorageConfig = StorageConfig()
     master_key: str | None = None
     api_keys: list[str] = []
     redis_url: str | None = None

@@ -68,6 +68,7 @@ class Outcome:
     error_code: str | None = None
     ttft_s: float | None = None
     key: Any = None                # the caller's auth.KeyInfo, once known
+    user: str | None = None        # the request's end-user id (OpenAI "user")
     extra: dict[str, Any] = field(default_factory=dict)
 
 

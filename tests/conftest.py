@@ -63,6 +63,9 @@ def make_config(yaml_text: str | None = None, *, env: dict[str, str] | None = No
         path = tmp_path / "gateway.yaml"
         path.write_text(yaml_text)
     environ = {"GATEWAY_PORT": "0", **(env or {})}
+    if tmp_path is not None:  # each test its own database and spool
+        overrides = {"storage.sqlite_path": str(tmp_path / "gateway.db"),
+                     "storage.spool_dir": str(tmp_path / "spool"), **overrides}
     return load_config(path, environ=environ, cwd=tmp_path or ROOT, overrides=overrides)
 
 

@@ -92,6 +92,9 @@ async def serve_call(gw: "Gateway", request: Request, responder: Responder, out:
                      headers: list[tuple[bytes, bytes]], key: KeyInfo, model: str,
                      call: Call, sse: list[tuple[bytes, bytes]]) -> None:
     """Limits around the answer: admit, answer (cache or upstream), settle."""
+    user = call.body.get("user") if call.api == "openai" else \
+        (call.body.get("metadata") or {}).get("user_id") if isinstance(call.body.get("metadata"), dict) else None
+    out.user = user if isinstance(user, str) else None
     key.check_model(model)
     route = gw.pipeline.route(model)  # 404 before any limit is spent
     await gw.auth.check_budget(key)

@@ -15,6 +15,7 @@ from gwcore.metrics import Metrics
 from gwcore.errors import (GatewayError, InvalidRequest, MethodNotAllowed, NotFound,
                            RequestTooLarge)
 from gwcore.pipeline import Outcome, Pipeline
+from gwcore.ports import AuditRecord, AuditSink, KeyStore
 from gwcore.ratelimit import RateLimiter
 from gwcore.server.connection import Request, Responder
 
@@ -31,7 +32,7 @@ class Gateway:
                  *, prices: PriceTable | None = None,
                  ready: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  statistics: Callable[[], dict[str, Any]] | None = None) -> None:
-        from gwcore.api import anthropic, openai, ops  # endpoint modules import this one's types
+        from gwcore.api import admin, anthropic, openai, ops  # they import this module's types
 
         self.pipeline = pipeline
         self.auth = auth
@@ -39,6 +40,8 @@ class Gateway:
         self.cache = cache
         self.metrics = metrics
         self.metrics_require_key = False
+        self.key_store: KeyStore | None = None
+        self.audit: AuditSink | None = None
         self.prices = prices or PriceTable()
         self.access_log = access_log
         self.ready = ready
@@ -58,6 +61,7 @@ class Gateway:
             if path.startswith("/v1/"):
                 table[(method, path[3:])] = fn
         self.table = table
+        self.admin: Endpoint = admin.handle
         self.paths = {path for _, path in table}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
@@ -68,6 +72,8 @@ class Gateway:
         out = Outcome()
         try:
             endpoint = self.table.get((request.method, request.path))
+            if endpoint is None and request.path.startswith("/admin/"):
+                endpoint = self.admin
             if endpoint is None:
                 if request.path in self.paths:
                     raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}.")
@@ -92,6 +98,7 @@ class Gateway:
                             responder.status or 499, out.error_code or "", latency_s,
                             out.ttft_s, usage.prompt_tokens if usage else 0,
                             usage.completion_tokens if usage else 0)
+        cost_pico: int | None = None
         record: dict[str, Any] = {
             "level": "info", "msg": "request", "request_id": rid.decode(),
             "method": request.method, "path": request.path,
@@ -112,7 +119,7 @@ class Gateway:
             if out.usage.reasoning_tokens:
                 record["reasoning_tokens"] = out.usage.reasoning_tokens
             if out.upstream_model is not None and out.extra.get("cache") != "hit":
-                cost = self.prices.cost_pico(out.upstream_model, out.usage)
+                cost = cost_pico = self.prices.cost_pico(out.upstream_model, out.usage)
                 if cost is not None:
                     record["cost_usd"] = cost / PICO
                     if out.key is not None:
@@ -124,6 +131,20 @@ class Gateway:
         if out.extra:
             record.update(out.extra)
         self.access_log.record(record)
+        if self.audit is not None:
+            self.audit.submit(AuditRecord(
+                ts=time.time() - latency_s, request_id=record["request_id"],
+                key_id=out.key.id if out.key is not None else None, user=out.user,
+                client_ip=request.client, endpoint=endpoint, model=out.model,
+                provider=out.provider, upstream_model=out.upstream_model,
+                status=record["status"],
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                reasoning_tokens=usage.reasoning_tokens if usage else 0,
+                cost_pico=cost_pico, latency_ms=record["latency_ms"],
+                ttft_ms=record.get("ttft_ms"), cache_hit=out.extra.get("cache") == "hit",
+                error_code=out.error_code))
 
 
 def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ def free_port() -> int:
 
 def gwcore(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
            timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="gwcore-test-"))
     return subprocess.run([sys.executable, "-m", "gwcore", *args], capture_output=True,
-                          text=True, env=_env(env), cwd=cwd or ROOT, timeout=timeout_s,
+                          text=True, env=_env(env), cwd=cwd, timeout=timeout_s,
                           stdin=subprocess.DEVNULL)
 
 
@@ -38,8 +40,10 @@ def start_gateway(*args: str, env: dict[str, str] | None = None,
                   cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """``gwcore serve`` on a free port; returns once /healthz answers."""
     port = free_port()
+    # A scratch working directory: the gateway's data/ (SQLite, spool) goes there.
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="gwcore-test-"))
     proc = subprocess.Popen([sys.executable, "-m", "gwcore", "serve", "--port", str(port), *args],
-                            env=_env(env), cwd=cwd or ROOT, stdin=subprocess.DEVNULL,
+                            env=_env(env), cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
