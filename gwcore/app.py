@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -19,6 +21,7 @@ from gwcore.ratelimit import RateLimiter
 from gwcore.routing import Router
 from gwcore.server.connection import ServerLimits
 from gwcore.server.listener import Server, open_listeners
+from gwcore.stores.factory import open_sql_store
 from gwcore.upstream import Upstreams
 
 
@@ -55,13 +58,16 @@ class App:
                               header_timeout_s=s.header_timeout_s,
                               body_timeout_s=s.body_timeout_s,
                               keepalive_timeout_s=s.keepalive_timeout_s)
-        async with Upstreams() as upstreams:
+        async with Upstreams() as upstreams, open_sql_store(cfg) as store:
             router = Router(cfg)
             pipeline = Pipeline(router, upstreams, stream_keepalive_s=s.stream_keepalive_s)
-            auth = Authenticator(cfg)
+            auth = Authenticator(cfg, store=store, spend=store.spend_pico)
+            if any(r.revoked_at is None for r in await store.list_keys()):
+                auth.require_keys()
 
             async def ready() -> dict[str, str]:
-                return {"server": "draining" if server.draining else "ok"}
+                db = "ok" if store.statistics().get("db_ok", True) else "spooling"
+                return {"server": "draining" if server.draining else "ok", "database": db}
 
             limiter = RateLimiter(cfg)
             cache = ResponseCache(cfg.cache)
@@ -71,27 +77,46 @@ class App:
                               prices=PriceTable(cfg.prices), ready=ready)
             gateway.metrics_require_key = cfg.metrics.require_key
             self.gateway = gateway
+            gateway.key_store = store
+            gateway.audit = store
             server = Server(gateway, limits, max_connections=s.max_connections,
                             render_error=render_protocol_error)
             self.server = server
             metrics.sources += [server.statistics, limiter.statistics, cache.statistics,
-                                upstreams.statistics]
-            if listeners is None:
-                listeners = await open_listeners(s.host, s.port, reuse_port=s.workers > 1)
-            self.ports = [lst.socket.getsockname()[1] for lst in listeners]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.access_log.run)
-                nursery.start_soon(_evict_idle_buckets, limiter)
-                await nursery.start(server.serve, listeners)
-                event("listening", host=s.host, ports=self.ports, version=__version__,
-                      native=gwnative.ACTIVE, demo=cfg.demo, auth=auth.enabled)
-                task_status.started(self.ports)
-                await self._stop.wait()
-                event("draining", grace_s=s.shutdown_grace_s,
-                      connections=len(server.connections))
-                await server.drain(s.shutdown_grace_s)
-                nursery.cancel_scope.cancel()
+                                upstreams.statistics, auth.statistics, _numbers(store.statistics)]
+            async with trio.open_nursery() as audit_nursery:
+                # The audit writer outlives the server's drain: it is cancelled (and
+                # flushes to the database or the spool) only after the last request.
+                audit_nursery.start_soon(store.run)
+                await self._serve(cfg, server, listeners, auth, limiter, task_status)
+                audit_nursery.cancel_scope.cancel()
         event("stopped")
+
+    async def _serve(self, cfg: Config, server: Server, listeners: list[trio.SocketListener] | None,
+                     auth: Authenticator, limiter: RateLimiter,
+                     task_status: trio.TaskStatus[list[int]]) -> None:
+        s = cfg.server
+        if listeners is None:
+            listeners = await open_listeners(s.host, s.port, reuse_port=s.workers > 1)
+        self.ports = [lst.socket.getsockname()[1] for lst in listeners]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.access_log.run)
+            nursery.start_soon(_evict_idle_buckets, limiter)
+            await nursery.start(server.serve, listeners)
+            event("listening", host=s.host, ports=self.ports, version=__version__,
+                  native=gwnative.ACTIVE, demo=cfg.demo, auth=auth.enabled)
+            task_status.started(self.ports)
+            await self._stop.wait()
+            event("draining", grace_s=s.shutdown_grace_s, connections=len(server.connections))
+            await server.drain(s.shutdown_grace_s)
+            nursery.cancel_scope.cancel()
+
+
+def _numbers(stats: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Only the numeric (and boolean) entries of a statistics() dict, for /metrics."""
+    def numbers() -> dict[str, Any]:
+        return {f"store_{k}": v for k, v in stats().items() if isinstance(v, int | float | bool)}
+    return numbers
 
 
 # Full buckets are dropped once a minute: they equal absent ones, so memory follows the

@@ -10,8 +10,12 @@ a streamed miss is assembled back into a plain response to be stored (text answe
 only: a stream with tool calls is passed on but not stored).
 
 ``Cache-Control: no-cache`` on a request skips the lookup, ``no-store`` skips storing.
-Only 200 answers are stored.  Bounded by ``max_entries`` (least recently used first out)
-and ``ttl_s``.
+Only 200 answers are stored.  In memory: bounded by ``max_entries`` (least recently
+used first out) and ``ttl_s``.  In Redis (``REDIS_URL``): every entry is stored with
+``SET ... PX ttl_s``, values above ``cache.max_value_bytes`` (default 1 MiB) are not
+stored, and the total is bounded by Redis's ``maxmemory`` with a policy that evicts keys
+with a TTL (see ``gwcore/stores/redis.py``); ``max_entries`` does not apply.  While Redis
+is down the cache is skipped (a miss, nothing stored), never an error.
 """
 from __future__ import annotations
 
@@ -19,10 +23,16 @@ from collections import OrderedDict
 
 import gwnative
 from gwcore.config import CacheConfig
+from gwcore.stores.redis import MAX_VALUE_BYTES, RedisCache, RedisConnection
 
 
 class ResponseCache:
-    def __init__(self, cfg: CacheConfig) -> None:
+    """Memory LRU (``redis=None``, the default) or Redis (``RedisCache``).
+
+    ``get``/``put`` are async because Redis may wait; the memory path never does.
+    """
+
+    def __init__(self, cfg: CacheConfig, redis: "RedisConnection | None" = None) -> None:
         self.enabled = cfg.enabled
         self.ttl_s = cfg.ttl_s
         self.max_entries = cfg.max_entries
@@ -30,12 +40,24 @@ class ResponseCache:
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.store: RedisCache | None = None
+        if redis is not None:
+            self.store = RedisCache(
+                redis, prefix=getattr(cfg, "redis_prefix", "gw:c:"),
+                max_value_bytes=getattr(cfg, "max_value_bytes", MAX_VALUE_BYTES))
 
     def key(self, endpoint: str, raw_body: bytes, key_id: str) -> str:
         scope = "shared" if self.shared else key_id
         return gwnative.cache_key(raw_body, f"{endpoint}\x00{scope}")
 
-    def get(self, key: str, now: float) -> bytes | None:
+    async def get(self, key: str, now: float) -> bytes | None:
+        if self.store is not None:
+            value = await self.store.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
         entry = self._entries.get(key)
         if entry is None or entry[0] <= now:
             if entry is not None:
@@ -46,15 +68,21 @@ class ResponseCache:
         self.hits += 1
         return entry[1]
 
-    def put(self, key: str, value: bytes, now: float) -> None:
+    async def put(self, key: str, value: bytes, now: float) -> None:
+        if self.store is not None:
+            await self.store.put(key, value, self.ttl_s)
+            return
         self._entries[key] = (now + self.ttl_s, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     def statistics(self) -> dict[str, int]:
-        return {"cache_entries": len(self._entries), "cache_hits_total": self.hits,
-                "cache_misses_total": self.misses}
+        out = {"cache_entries": len(self._entries), "cache_hits_total": self.hits,
+               "cache_misses_total": self.misses}
+        if self.store is not None:
+            out.update(self.store.statistics())
+        return out
 
 
 def directives(header: bytes | None) -> tuple[bool, bool]:

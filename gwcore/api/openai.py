@@ -98,7 +98,7 @@ async def serve_call(gw: "Gateway", request: Request, responder: Responder, out:
     key.check_model(model)
     route = gw.pipeline.route(model)  # 404 before any limit is spent
     await gw.auth.check_budget(key)
-    adm = gw.limiter.admit(key, model, call.hub() if call.kind == "chat" else call.body,
+    adm = await gw.limiter.admit(key, model, call.hub() if call.kind == "chat" else call.body,
                            len(request.body), trio.current_time())
     headers.extend(adm.headers)
     try:
@@ -126,7 +126,7 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
         no_cache, no_store = directives(request.header(b"cache-control"))
         ckey = cache.key(call.kind, request.body, key.id)
         store = not no_store
-        hit = None if no_cache else cache.get(ckey, trio.current_time())
+        hit = None if no_cache else await cache.get(ckey, trio.current_time())
         if hit is not None:
             out.extra["cache"] = "hit"
             headers.append((b"x-gateway-cache", b"HIT"))
@@ -141,16 +141,21 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
         headers.append((b"x-gateway-cache", b"MISS"))
     if call.stream:
         assembler = StreamAssembler() if ckey is not None and store else None
-        await gw.pipeline.stream(call, route, responder, out, headers + sse,
-                                 assembler.add if assembler is not None else None)
-        if assembler is not None and out.error_code is None:
-            result = assembler.result()
+        try:
+            await gw.pipeline.stream(call, route, responder, out, headers + sse,
+                                     assembler.add if assembler is not None else None)
+        finally:
+            # Also when the client hung up right after [DONE] (SDKs do) and this task is
+            # being cancelled: a complete answer is stored all the same.
+            result = assembler.result() if assembler is not None and out.error_code is None \
+                else None
             if result is not None:
-                cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
+                with trio.move_on_after(1.0, shield=True):
+                    await cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
         return
     data, extra = await gw.pipeline.forward(call, route, out)
     if ckey is not None and store:
-        cache.put(ckey, data, trio.current_time())
+        await cache.put(ckey, data, trio.current_time())
     await responder.send(200, headers + JSON + extra, data)
 
 
