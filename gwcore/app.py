@@ -22,6 +22,7 @@ from gwcore.routing import Router
 from gwcore.server.connection import ServerLimits
 from gwcore.server.listener import Server, open_listeners
 from gwcore.stores.factory import open_sql_store
+from gwcore.stores.redis import maybe_open_redis
 from gwcore.upstream import Upstreams
 
 
@@ -58,7 +59,8 @@ class App:
                               header_timeout_s=s.header_timeout_s,
                               body_timeout_s=s.body_timeout_s,
                               keepalive_timeout_s=s.keepalive_timeout_s)
-        async with Upstreams() as upstreams, open_sql_store(cfg) as store:
+        async with Upstreams() as upstreams, open_sql_store(cfg) as store, \
+                maybe_open_redis(cfg.redis_url) as redis:
             router = Router(cfg)
             pipeline = Pipeline(router, upstreams, stream_keepalive_s=s.stream_keepalive_s)
             auth = Authenticator(cfg, store=store, spend=store.spend_pico)
@@ -66,11 +68,16 @@ class App:
                 auth.require_keys()
 
             async def ready() -> dict[str, str]:
-                db = "ok" if store.statistics().get("db_ok", True) else "spooling"
-                return {"server": "draining" if server.draining else "ok", "database": db}
+                # "degraded": working on a fallback (the audit spool, local limits); still
+                # ready, so an outage does not pull every instance out of the balancer.
+                db = "ok" if store.statistics().get("db_ok", True) else "degraded"
+                checks = {"server": "draining" if server.draining else "ok", "database": db}
+                if redis is not None:
+                    checks["redis"] = limiter.ready_state()
+                return checks
 
-            limiter = RateLimiter(cfg)
-            cache = ResponseCache(cfg.cache)
+            limiter = RateLimiter(cfg, redis=redis)
+            cache = ResponseCache(cfg.cache, redis=redis)
             metrics = Metrics()
             metrics.health = health_rows(router)
             gateway = Gateway(pipeline, auth, self.access_log, limiter, cache, metrics,
@@ -102,6 +109,7 @@ class App:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.access_log.run)
             nursery.start_soon(_evict_idle_buckets, limiter)
+            nursery.start_soon(limiter.run)
             await nursery.start(server.serve, listeners)
             event("listening", host=s.host, ports=self.ports, version=__version__,
                   native=gwnative.ACTIVE, demo=cfg.demo, auth=auth.enabled)

@@ -94,13 +94,21 @@ class Limits(_Base):
     default: LimitSpec = LimitSpec(requests=1000, window_s=3600.0)
     # Per model name, shared by every key that calls it.
     models: dict[str, LimitSpec] = {}
+    # With REDIS_URL: what to do while Redis is down ("open": local buckets with 1/N of
+    # each limit; "closed": 503), and N (0: the workers last seen in Redis, else
+    # server.workers).
+    redis_fail: Literal["open", "closed"] = "open"
+    instances: int = 0
+    redis_prefix: str = "gw:rl:"
 
 
 class CacheConfig(_Base):
     enabled: bool = False
     ttl_s: float = 3600.0
-    max_entries: int = 10_000
+    max_entries: int = 10_000          # the in-process LRU's bound
     scope: Literal["key", "shared"] = "key"
+    max_value_bytes: int = 1_048_576   # answers larger than this are not stored in Redis
+    redis_prefix: str = "gw:c:"
 
 
 class StaticKey(_Base):

@@ -283,6 +283,13 @@ class RateLimiter:
                 if not missing:
                     break
         if missing:
+            for item in missing:  # denied by Redis a moment ago: no round trip
+                wait_s = leases.cached_denial(item[0], item[1], now)
+                if wait_s is not None:
+                    denied = (item[5], wait_s, item[4])
+                    missing = []
+                    break
+        if missing:
             adm.round_trips = 1
             try:
                 results = await leases.lease(

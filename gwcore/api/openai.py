@@ -154,9 +154,10 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
                     await cache.put(ckey, result, trio.current_time())  # type: ignore[arg-type]
         return
     data, extra = await gw.pipeline.forward(call, route, out)
-    if ckey is not None and store:
-        await cache.put(ckey, data, trio.current_time())
     await responder.send(200, headers + JSON + extra, data)
+    if ckey is not None and store:  # after the answer: a Redis put never delays it
+        with trio.move_on_after(1.0, shield=True):
+            await cache.put(ckey, data, trio.current_time())
 
 
 async def list_models(gw: "Gateway", request: Request, responder: Responder, out: Outcome,

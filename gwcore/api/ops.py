@@ -26,7 +26,7 @@ async def healthz(gw: "Gateway", request: Request, responder: Responder, out: Ou
 async def readyz(gw: "Gateway", request: Request, responder: Responder, out: Outcome,
                  headers: list[tuple[bytes, bytes]]) -> None:
     checks = await gw.ready() if gw.ready is not None else {}
-    ok = all(v == "ok" for v in checks.values())
+    ok = all(v in ("ok", "degraded") for v in checks.values())
     body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
     await responder.send(200 if ok else 503, headers + JSON, body)
 

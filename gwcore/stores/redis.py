@@ -51,6 +51,10 @@ never hoarded by one worker.  Concurrent requests that need a slice of the same 
 wait for the one lease in flight instead of sending their own.  A request pays at most
 one round trip of its own (all its buckets in one call), and none while its slices last.
 
+A denial from Redis is remembered for up to DENIAL_CACHE_S (or the retry time, if
+shorter): during it, requests of that cost or more on this worker are denied without a
+round trip, so a burst of 429s costs Redis nothing.
+
 Settling (real usage against the reservation) is local: a debit is paid from the live
 slice first, the rest and every credit are queued and sent with the next lease or by
 ``run`` within ``flush_s`` (off the hot path, one EVALSHA for all keys).
@@ -124,6 +128,7 @@ PROBE_S = 0.5
 LEASE_S = 2.0               # a slice is usable this long on the worker
 LEASE_HOLD_MARGIN_S = 1.0   # ... and counted by Redis this much longer
 LEASE_HORIZON_S = 1.0       # a slice covers this long of the worker's recent demand
+DENIAL_CACHE_S = 0.1        # a denial from Redis is repeated locally at most this long
 SLICE_FORGET_S = 30.0       # a key's demand estimate is kept this long after its slice
 LEASE_MAX_FRACTION = 0.25   # and at most this part of the capacity
 INITIAL_LEASE_COSTS = 4     # first slice of a key: this many request costs
@@ -165,7 +170,6 @@ class RedisConnection:
         self.errors = 0
         self.switches = 0
         self.last_error = ""
-        self.listeners: list[Callable[[bool], None]] = []
 
     @property
     def state(self) -> str:
@@ -196,8 +200,6 @@ class RedisConnection:
         self._down.set()
         event("redis_down", level="warning", redis=mask_url(self.url), error=reason,
               fallback="limits: local 1/N buckets or 503 (limits.redis_fail); cache skipped")
-        for fn in self.listeners:
-            fn(False)
 
     def _mark_up(self) -> None:
         if self.up:
@@ -206,8 +208,6 @@ class RedisConnection:
         self.switches += 1
         self._down = trio.Event()
         event("redis_up", redis=mask_url(self.url))
-        for fn in self.listeners:
-            fn(True)
 
     async def ping(self) -> bool:
         try:
@@ -415,7 +415,8 @@ for i = 1, #KEYS do
         redis.call('DEL', key)
       else
         redis.call('HSET', key, 't', num(tokens), 'l', num(last), 'c', num(cap), 'r', num(rate))
-        local ttl = hold
+        local ttl = 0
+        if owed > 0 then ttl = hold end
         if rate > 0 then
           local full = (cap - tokens) / rate
           if full > ttl then ttl = full end
@@ -522,7 +523,7 @@ class RedisBuckets:
 class _Slice:
     __slots__ = ("balance", "expires_at", "taken_at", "granted", "seq", "capacity",
                  "refill_per_s", "rate_est", "global_tokens", "leasing", "waiting",
-                 "reported")
+                 "reported", "denied_until", "denied_cost")
 
     def __init__(self, capacity: float, refill_per_s: float) -> None:
         self.balance = 0.0
@@ -537,6 +538,8 @@ class _Slice:
         self.leasing: trio.Event | None = None
         self.waiting = 0.0            # costs of requests waiting for the lease in flight
         self.reported = 0.0           # the unspent balance Redis counts for this slice
+        self.denied_until = -_INF     # Redis said no: requests costing denied_cost or
+        self.denied_cost = _INF       # more are denied here until then, no round trip
 
 
 @dataclass(slots=True)
@@ -614,9 +617,13 @@ class LeasedBuckets:
             p[0] += amount
         self._wake.set()
 
-    def in_flight(self, key: str) -> trio.Event | None:
+    def cached_denial(self, key: str, cost: float, now: float) -> float | None:
+        """Seconds to wait if Redis denied this bucket a moment ago for this cost or
+        less (a 429 storm costs Redis nothing), else None."""
         s = self.slices.get(key)
-        return None if s is None else s.leasing
+        if s is None or now >= s.denied_until or cost < s.denied_cost:
+            return None
+        return s.denied_until - now
 
     def wait_for(self, key: str, cost: float) -> trio.Event | None:
         s = self.slices.get(key)
@@ -700,6 +707,9 @@ class LeasedBuckets:
             else:
                 self.denied += 1
                 s.seq = 0
+                d = decision(False, r.tokens, w.cost, r.capacity, r.refill_per_s)
+                s.denied_until = now + min(d.retry_after_s, DENIAL_CACHE_S)
+                s.denied_cost = w.cost
         self._wake.set()
         return out
 

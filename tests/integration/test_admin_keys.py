@@ -10,6 +10,7 @@ import trio
 from tests.integration.test_openai_sdk import MESSAGES, in_thread
 from tests.support.mock_openai import serve_mock_openai
 from tests.support.procs import gwcore
+from tests.support.redis import redis_server  # noqa: F401  (the fixture)
 from tests.support.sdk import track
 
 MASTER = "master-key-for-tests-1"
@@ -149,3 +150,29 @@ def test_cli_keys_create_list_revoke(tmp_path):
     r = gwcore("keys", "--config", str(cfg), "list")
     assert "revoked" in r.stdout
     assert gwcore("keys", "--config", str(cfg), "revoke", "key_nope").returncode == 1
+
+
+async def test_redis_backed_limits_and_cache_in_the_gateway(gateway_factory, redis_server):
+    redis_server.flush()
+    text = ("keys:\n  - {key: rpm-key-for-redis, name: r, rpm: 2}\n"
+            "cache: {enabled: true}\n")
+    async with serve_mock_openai() as mock:
+        env = {"OPENAI_API_KEY": "sk-upstream-1", "OPENAI_BASE_URL": mock.base_url,
+               "REDIS_URL": redis_server.url}
+        async with gateway_factory(text, env=env) as gw:
+            c = sdk(gw, "rpm-key-for-redis")
+            raw = await in_thread(c.chat.completions.with_raw_response.create,
+                                  model="gpt-4o-mini", messages=MESSAGES)
+            assert raw.headers["x-gateway-cache"] == "MISS"
+            raw = await in_thread(c.chat.completions.with_raw_response.create,
+                                  model="gpt-4o-mini", messages=MESSAGES)
+            assert raw.headers["x-gateway-cache"] == "HIT"  # from Redis
+            with pytest.raises(openai.RateLimitError):
+                await in_thread(c.chat.completions.create, model="gpt-4o-mini",
+                                messages=MESSAGES)
+            assert mock.counts["/v1/chat/completions"] == 1
+            async with httpx.AsyncClient() as h:
+                ready = (await h.get(f"{gw.url}/readyz")).json()
+                metrics = (await h.get(f"{gw.url}/metrics")).text
+            assert ready["checks"]["redis"] == "ok"
+            assert "gateway_redis_up 1" in metrics

@@ -108,7 +108,9 @@ async def test_settle_gives_back_the_unused_reservation_and_charges_the_excess(r
         for adm in adms:
             a.settle(adm, Usage(prompt_tokens=5, completion_tokens=15), trio.current_time(),
                      failed=False)
-        await trio.sleep(0.2)  # the flusher sends the 3 * 180 back within flush_s
+        # The flusher sends the 3 * 180 back within flush_s; b forgets its denial (a
+        # local 429 without a round trip) after DENIAL_CACHE_S.
+        await trio.sleep(0.2)
         peek = RedisBuckets(a.redis, clock="redis")  # type: ignore[arg-type]
         (r,) = await peek.run([_peek("gw:rl:t:k:key_a")])
         assert 540 <= r.tokens <= 560

@@ -81,7 +81,8 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed: scripts/test installs it (Debian: "
+                    "apt-get install redis-server)", pytrace=False)
     server = RedisServer(free_port())
     server.start()
     try:
