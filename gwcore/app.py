@@ -86,6 +86,7 @@ class App:
             self.gateway = gateway
             gateway.key_store = store
             gateway.audit = store
+            gateway.audit_enabled = cfg.storage.audit
             server = Server(gateway, limits, max_connections=s.max_connections,
                             render_error=render_protocol_error)
             self.server = server

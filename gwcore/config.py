@@ -166,6 +166,8 @@ class ServerConfig(_Base):
 
 
 class StorageConfig(_Base):
+    # One audit record per request (off: no records, so no usage or budgets either).
+    audit: bool = True
     # The embedded default when DATABASE_URL is unset (keys, usage, audit log).
     sqlite_path: str = "data/gateway.db"
     # Audit batches wait here while the database is unreachable.

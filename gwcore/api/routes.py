@@ -42,6 +42,7 @@ class Gateway:
         self.metrics_require_key = False
         self.key_store: KeyStore | None = None
         self.audit: AuditSink | None = None
+        self.audit_enabled = True
         self.prices = prices or PriceTable()
         self.access_log = access_log
         self.ready = ready
@@ -131,7 +132,7 @@ class Gateway:
         if out.extra:
             record.update(out.extra)
         self.access_log.record(record)
-        if self.audit is not None:
+        if self.audit is not None and self.audit_enabled:
             self.audit.submit(AuditRecord(
                 ts=time.time() - latency_s, request_id=record["request_id"],
                 key_id=out.key.id if out.key is not None else None, user=out.user,
