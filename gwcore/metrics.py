@@ -34,13 +34,15 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str, int, str], int] = {}
         self.tokens: dict[tuple[str, str, str], int] = {}
+        self.cost_pico: dict[tuple[str, str], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.ttft: dict[str, Histogram] = {}
         self.sources: list[Callable[[], dict[str, Any]]] = []
         self.health: Callable[[float], list[tuple[str, str, Any]]] | None = None
 
     def record(self, endpoint: str, model: str, provider: str, status: int, error: str,
-               latency_s: float, ttft_s: float | None, prompt: int, completion: int) -> None:
+               latency_s: float, ttft_s: float | None, prompt: int, completion: int,
+               cost_pico: int | None = None) -> None:
         key = (endpoint, model, provider, status, error)
         self.requests[key] = self.requests.get(key, 0) + 1
         h = self.latency.get(endpoint)
@@ -52,6 +54,9 @@ class Metrics:
             if t is None:
                 t = self.ttft[endpoint] = Histogram()
             t.observe(ttft_s)
+        if cost_pico:
+            k2 = (model, provider)
+            self.cost_pico[k2] = self.cost_pico.get(k2, 0) + cost_pico
         if prompt or completion:
             for kind, n in (("prompt", prompt), ("completion", completion)):
                 k = (model, provider, kind)
@@ -69,6 +74,11 @@ class Metrics:
         for (model, prov, kind), n in sorted(self.tokens.items()):
             out.append(f'gateway_tokens_total{{model="{_esc(model)}",provider="{prov}",'
                        f'kind="{kind}"}} {n}')
+        out += ["# HELP gateway_cost_usd_total Spend by model and provider, in USD.",
+                "# TYPE gateway_cost_usd_total counter"]
+        for (model, prov), pico in sorted(self.cost_pico.items()):
+            out.append(f'gateway_cost_usd_total{{model="{_esc(model)}",provider="{prov}"}} '
+                       f'{pico / 10**12:.12f}')
         for name, hists, what in (("gateway_request_duration_seconds", self.latency,
                                    "Time from request to the end of the response."),
                                   ("gateway_time_to_first_token_seconds", self.ttft,

@@ -95,10 +95,6 @@ class Gateway:
         routed = out.provider is not None
         endpoint = request.path if request.path in self.paths else "other"
         usage = out.usage
-        self.metrics.record(endpoint, (out.model or "") if routed else "", out.provider or "",
-                            responder.status or 499, out.error_code or "", latency_s,
-                            out.ttft_s, usage.prompt_tokens if usage else 0,
-                            usage.completion_tokens if usage else 0)
         cost_pico: int | None = None
         record: dict[str, Any] = {
             "level": "info", "msg": "request", "request_id": rid.decode(),
@@ -132,6 +128,10 @@ class Gateway:
         if out.extra:
             record.update(out.extra)
         self.access_log.record(record)
+        self.metrics.record(endpoint, (out.model or "") if routed else "", out.provider or "",
+                            record["status"], out.error_code or "", latency_s, out.ttft_s,
+                            usage.prompt_tokens if usage else 0,
+                            usage.completion_tokens if usage else 0, cost_pico)
         if self.audit is not None and self.audit_enabled:
             self.audit.submit(AuditRecord(
                 ts=time.time() - latency_s, request_id=record["request_id"],

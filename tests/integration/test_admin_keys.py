@@ -176,3 +176,7 @@ async def test_redis_backed_limits_and_cache_in_the_gateway(gateway_factory, red
                 metrics = (await h.get(f"{gw.url}/metrics")).text
             assert ready["checks"]["redis"] == "ok"
             assert "gateway_redis_up 1" in metrics
+            assert 'gateway_cost_usd_total{model="gpt-4o-mini",provider="openai"}' in metrics
+            assert 'gateway_tokens_total{model="gpt-4o-mini",provider="openai",kind="prompt"}' in metrics
+            assert "gateway_limiter_rejected_total 1" in metrics
+            assert 'gateway_time_to_first_token_seconds' in metrics
