@@ -33,7 +33,7 @@ import functools
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import trio
 
 from gwcore.accesslog import event
-from gwcore.ports import AuditRecord
+from gwcore.ports import AuditRecord, KeyRecord, UsageRow
 from gwcore.stores.spool import Batch, Spool
 
 # Lookup-name kinds: one small table keeps every repeated string of the audit rows.
@@ -468,3 +468,78 @@ def _count_files(directory: Path) -> int:
         return sum(1 for _ in directory.glob("*.batch"))
     except OSError:
         return 0
+
+
+class SQLStoreBase:
+    """What the SQLite and Postgres stores share: the ports' async methods, each running
+    its backend's ``_*_sync`` twin in a worker thread through ``_call``, and the audit
+    writer's delegation.  Subclasses provide ``_call``, the ``_*_sync`` methods (their
+    SQL dialect), ``migrate`` and ``close``."""
+
+    _writer: AuditWriter
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def migrate(self) -> list[int]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        await self.migrate()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- KeyStore
+    async def create_key(self, record: KeyRecord) -> None:
+        await self._call(self._create_key_sync, record)  # type: ignore[attr-defined]
+
+    async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
+        return await self._call(self._get_sync, "k.key_hash", key_hash)  # type: ignore[attr-defined]
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return await self._call(self._get_sync, "k.id", key_id)  # type: ignore[attr-defined]
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self._call(self._list_sync)  # type: ignore[attr-defined]
+
+    async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
+        check_key_changes(changes)
+        return await self._call(self._update_sync, key_id, changes)  # type: ignore[attr-defined]
+
+    async def revoke(self, key_id: str, now: float) -> bool:
+        """True when the key exists (revoked now, or earlier: the first time is kept)."""
+        return await self._call(self._revoke_sync, key_id, now)  # type: ignore[attr-defined]
+
+    # -- AuditSink
+    def submit(self, record: AuditRecord) -> None:
+        self._writer.submit(record)
+
+    async def run(self) -> None:
+        await self._writer.run()
+
+    async def flush(self) -> None:
+        """Write what is buffered now, and replay the spool (tests, the CLI)."""
+        await self._writer.flush()
+
+    def statistics(self) -> dict[str, Any]:
+        return self._writer.statistics()
+
+    async def usage(self, *, key_id: str | None = None, model: str | None = None,
+                    since: str | None = None, until: str | None = None) -> list[UsageRow]:
+        return await self._call(self._usage_sync, key_id, model, since, until)  # type: ignore[attr-defined]
+
+    async def spend_pico(self, key_id: str) -> int:
+        return await self._call(self._spend_sync, key_id)  # type: ignore[attr-defined]
+
+    # -- the writer's backend
+    async def write_batch(self, batch: Any) -> bool:
+        return await self._call(self._write_batch_sync, batch)  # type: ignore[attr-defined]
+
+    async def audit_rows(self) -> list[AuditRecord]:
+        """Every audit row, decoded back into records, oldest first (tests, exports)."""
+        return await self._call(self._audit_rows_sync)  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 
 from gwcore.ports import AuditRecord, KeyRecord, UsageRow
 from gwcore.stores.audit import (
+    SQLStoreBase,
     ENDPOINT,
     ERROR_CODE,
     MODEL,
@@ -41,7 +42,6 @@ from gwcore.stores.audit import (
     AuditWriter,
     KeyExists,
     NameCache,
-    check_key_changes,
     from_datetime,
     load_migrations,
     rollups,
@@ -119,7 +119,7 @@ class _Pool:
             conn.close()
 
 
-class PostgresStore:
+class PostgresStore(SQLStoreBase):
     """``ports.KeyStore`` and ``ports.AuditSink`` on Postgres."""
 
     def __init__(self, dsn: str, *, spool_dir: str | Path = "data/spool",
@@ -140,13 +140,6 @@ class PostgresStore:
             shutdown_timeout_s=shutdown_timeout_s)
 
     # -- lifecycle
-
-    async def __aenter__(self) -> PostgresStore:
-        await self.migrate()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations (idempotent; one process at a time through an
@@ -210,9 +203,6 @@ class PostgresStore:
 
     # -- KeyStore
 
-    async def create_key(self, record: KeyRecord) -> None:
-        await self._call(self._create_key_sync, record)
-
     def _create_key_sync(self, conn: psycopg.Connection[Any], r: KeyRecord) -> None:
         try:
             conn.execute(
@@ -224,26 +214,13 @@ class PostgresStore:
         except errors.UniqueViolation as exc:
             raise KeyExists(f"a key with id {r.id!r} or this key hash exists") from exc
 
-    async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
-        return await self._call(self._get_sync, "k.key_hash", key_hash)
-
-    async def get(self, key_id: str) -> KeyRecord | None:
-        return await self._call(self._get_sync, "k.id", key_id)
-
     def _get_sync(self, conn: psycopg.Connection[Any], column: str,
                   value: str) -> KeyRecord | None:
         row = conn.execute(f"{_SELECT_KEY} WHERE {column} = %s", (value,)).fetchone()  # type: ignore[arg-type]
         return None if row is None else _key(row)
 
-    async def list_keys(self) -> list[KeyRecord]:
-        return await self._call(self._list_sync)
-
     def _list_sync(self, conn: psycopg.Connection[Any]) -> list[KeyRecord]:
         return [_key(r) for r in conn.execute(f"{_SELECT_KEY} ORDER BY k.created_at, k.id")]  # type: ignore[arg-type]
-
-    async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
-        check_key_changes(changes)
-        return await self._call(self._update_sync, key_id, changes)
 
     def _update_sync(self, conn: psycopg.Connection[Any], key_id: str,
                      changes: dict[str, Any]) -> KeyRecord | None:
@@ -260,33 +237,12 @@ class PostgresStore:
                 sql.SQL(", ").join(sets)), (*values, key_id))
         return self._get_sync(conn, "k.id", key_id)
 
-    async def revoke(self, key_id: str, now: float) -> bool:
-        """True when the key exists (revoked now, or earlier: the first time is kept)."""
-        return await self._call(self._revoke_sync, key_id, now)
-
     def _revoke_sync(self, conn: psycopg.Connection[Any], key_id: str, now: float) -> bool:
         cur = conn.execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, %s)"
                            " WHERE id = %s", (to_datetime(now), key_id))
         return cur.rowcount > 0
 
     # -- AuditSink
-
-    def submit(self, record: AuditRecord) -> None:
-        self._writer.submit(record)
-
-    async def run(self) -> None:
-        await self._writer.run()
-
-    async def flush(self) -> None:
-        """Write what is buffered now, and replay the spool (tests, the CLI)."""
-        await self._writer.flush()
-
-    def statistics(self) -> dict[str, Any]:
-        return self._writer.statistics()
-
-    async def usage(self, *, key_id: str | None = None, model: str | None = None,
-                    since: str | None = None, until: str | None = None) -> list[UsageRow]:
-        return await self._call(self._usage_sync, key_id, model, since, until)
 
     def _usage_sync(self, conn: psycopg.Connection[Any], key_id: str | None,
                     model: str | None, since: str | None, until: str | None) -> list[UsageRow]:
@@ -312,17 +268,11 @@ class PostgresStore:
         return [UsageRow(day.isoformat(), k or None, m, req, p, c, cost)
                 for day, k, m, req, p, c, cost in conn.execute(query, args)]  # type: ignore[arg-type]
 
-    async def spend_pico(self, key_id: str) -> int:
-        return await self._call(self._spend_sync, key_id)
-
     def _spend_sync(self, conn: psycopg.Connection[Any], key_id: str) -> int:
         row = conn.execute("SELECT cost_pico FROM key_spend WHERE key_id = %s", (key_id,)).fetchone()
         return 0 if row is None else int(row[0])
 
     # -- the writer's backend
-
-    async def write_batch(self, batch: Batch) -> bool:
-        return await self._call(self._write_batch_sync, batch)
 
     def is_unavailable(self, exc: Exception) -> bool:
         # Connection refused or lost, server shutting down, disk full, too many clients.
@@ -434,10 +384,6 @@ class PostgresStore:
         return dropped
 
     # -- for tests and tools
-
-    async def audit_rows(self) -> list[AuditRecord]:
-        """Every audit row, decoded back into records, oldest first (tests, exports)."""
-        return await self._call(self._audit_rows_sync)
 
     def _audit_rows_sync(self, conn: psycopg.Connection[Any]) -> list[AuditRecord]:
         names = dict(conn.execute("SELECT id, name FROM names").fetchall())

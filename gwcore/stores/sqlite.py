@@ -22,6 +22,7 @@ import trio
 
 from gwcore.ports import AuditRecord, KeyRecord, UsageRow
 from gwcore.stores.audit import (
+    SQLStoreBase,
     ENDPOINT,
     ERROR_CODE,
     MODEL,
@@ -29,7 +30,6 @@ from gwcore.stores.audit import (
     AuditWriter,
     KeyExists,
     NameCache,
-    check_key_changes,
     day_start_us,
     from_us,
     load_migrations,
@@ -83,7 +83,7 @@ def split_statements(script: str) -> list[str]:
     return out
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStoreBase):
     """``ports.KeyStore`` and ``ports.AuditSink`` on a SQLite file."""
 
     def __init__(self, path: str | Path = "data/gateway.db", *,
@@ -102,13 +102,6 @@ class SQLiteStore:
             retry_max_s=retry_max_s, shutdown_timeout_s=shutdown_timeout_s)
 
     # -- lifecycle
-
-    async def __aenter__(self) -> SQLiteStore:
-        await self.migrate()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def migrate(self) -> list[int]:
         """Open the file (and its directory) and apply pending migrations; idempotent.
@@ -178,9 +171,6 @@ class SQLiteStore:
 
     # -- KeyStore
 
-    async def create_key(self, record: KeyRecord) -> None:
-        await self._call(self._create_key_sync, record)
-
     def _create_key_sync(self, conn: sqlite3.Connection, r: KeyRecord) -> None:
         try:
             conn.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -191,25 +181,12 @@ class SQLiteStore:
         except sqlite3.IntegrityError as exc:
             raise KeyExists(f"a key with id {r.id!r} or this key hash exists") from exc
 
-    async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
-        return await self._call(self._get_sync, "k.key_hash", key_hash)
-
-    async def get(self, key_id: str) -> KeyRecord | None:
-        return await self._call(self._get_sync, "k.id", key_id)
-
     def _get_sync(self, conn: sqlite3.Connection, column: str, value: str) -> KeyRecord | None:
         row = conn.execute(f"{_SELECT_KEY} WHERE {column} = ?", (value,)).fetchone()
         return None if row is None else _key(row)
 
-    async def list_keys(self) -> list[KeyRecord]:
-        return await self._call(self._list_sync)
-
     def _list_sync(self, conn: sqlite3.Connection) -> list[KeyRecord]:
         return [_key(r) for r in conn.execute(f"{_SELECT_KEY} ORDER BY k.created_at_us, k.id")]
-
-    async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
-        check_key_changes(changes)
-        return await self._call(self._update_sync, key_id, changes)
 
     def _update_sync(self, conn: sqlite3.Connection, key_id: str,
                      changes: dict[str, Any]) -> KeyRecord | None:
@@ -227,33 +204,12 @@ class SQLiteStore:
             conn.execute(f"UPDATE api_keys SET {', '.join(sets)} WHERE id = ?", (*values, key_id))
         return self._get_sync(conn, "k.id", key_id)
 
-    async def revoke(self, key_id: str, now: float) -> bool:
-        """True when the key exists (revoked now, or earlier: the first time is kept)."""
-        return await self._call(self._revoke_sync, key_id, now)
-
     def _revoke_sync(self, conn: sqlite3.Connection, key_id: str, now: float) -> bool:
         cur = conn.execute("UPDATE api_keys SET revoked_at_us = COALESCE(revoked_at_us, ?)"
                            " WHERE id = ?", (to_us(now), key_id))
         return cur.rowcount > 0
 
     # -- AuditSink
-
-    def submit(self, record: AuditRecord) -> None:
-        self._writer.submit(record)
-
-    async def run(self) -> None:
-        await self._writer.run()
-
-    async def flush(self) -> None:
-        """Write what is buffered now, and replay the spool (tests, the CLI)."""
-        await self._writer.flush()
-
-    def statistics(self) -> dict[str, Any]:
-        return self._writer.statistics()
-
-    async def usage(self, *, key_id: str | None = None, model: str | None = None,
-                    since: str | None = None, until: str | None = None) -> list[UsageRow]:
-        return await self._call(self._usage_sync, key_id, model, since, until)
 
     def _usage_sync(self, conn: sqlite3.Connection, key_id: str | None, model: str | None,
                     since: str | None, until: str | None) -> list[UsageRow]:
@@ -279,17 +235,11 @@ class SQLiteStore:
         return [UsageRow(day, k or None, m, req, p, c, cost)
                 for day, k, m, req, p, c, cost in conn.execute(sql, args)]
 
-    async def spend_pico(self, key_id: str) -> int:
-        return await self._call(self._spend_sync, key_id)
-
     def _spend_sync(self, conn: sqlite3.Connection, key_id: str) -> int:
         row = conn.execute("SELECT cost_pico FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
         return 0 if row is None else int(row[0])
 
     # -- the writer's backend
-
-    async def write_batch(self, batch: Batch) -> bool:
-        return await self._call(self._write_batch_sync, batch)
 
     def is_unavailable(self, exc: Exception) -> bool:
         # Locked, busy, disk I/O, disk full: the file did not take the batch this time.
@@ -356,10 +306,6 @@ class SQLiteStore:
         return deleted
 
     # -- for tests and tools
-
-    async def audit_rows(self) -> list[AuditRecord]:
-        """Every audit row, decoded back into records (tests, exports)."""
-        return await self._call(self._audit_rows_sync)
 
     def _audit_rows_sync(self, conn: sqlite3.Connection) -> list[AuditRecord]:
         names = {i: n for i, n in conn.execute("SELECT id, name FROM names")}

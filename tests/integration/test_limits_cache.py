@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from gwcore.ratelimit import format_duration
-from tests.integration.test_openai_sdk import KEY, MESSAGES, client, in_thread, stack
+from tests.integration.test_openai_sdk import MESSAGES, client, in_thread, stack
 
 LIMITED = """
 keys:
