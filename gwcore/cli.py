@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="YAML config file")
     sub.add_parser("version", help="print versions and which native modules are active")
+    mig = sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
+    mig.add_argument("--config", help="YAML config file")
     keys = sub.add_parser("keys", help="manage gateway keys in the configured store")
     keys.add_argument("--config", help="YAML config file")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -67,7 +69,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _keys(cfg, args)
+    if args.command == "migrate":
+        return _migrate(cfg)
     return _serve(cfg, args)
+
+
+def _migrate(cfg: Any) -> int:
+    """Apply pending schema migrations (idempotent; safe when several run at once)."""
+    import trio
+
+    from gwcore.stores.factory import make_sql_store
+
+    async def run() -> list[int]:
+        store = make_sql_store(cfg)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    try:
+        applied = trio.run(run)
+    except Exception as exc:  # noqa: BLE001 - any driver error is reported and exits 1
+        print(f"gwcore: migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    target = "postgres" if cfg.database_url else cfg.storage.sqlite_path
+    print(f"migrations applied to {target}: {applied or 'none (up to date)'}")
+    return 0
 
 
 def _keys(cfg: Any, args: argparse.Namespace) -> int:

@@ -191,3 +191,13 @@ def test_workers_share_one_port_and_a_crashed_worker_is_restarted(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_migrate_creates_the_schema_once(tmp_path):
+    first = gwcore("migrate", cwd=tmp_path)
+    assert first.returncode == 0 and "[1]" in first.stdout, first.stderr
+    again = gwcore("migrate", cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert (tmp_path / "data" / "gateway.db").is_file()
+    bad = gwcore("migrate", cwd=tmp_path, env={"DATABASE_URL": "postgresql://127.0.0.1:1/x"})
+    assert bad.returncode == 1 and "migration failed" in bad.stderr
