@@ -12,9 +12,12 @@ admin API or the CLI stops working on every worker within that time.
 
 Budgets: a key's spend is what the store has recorded (the audit writer adds every
 request's cost there, within about a second) or what this process has added since,
-whichever is larger; a key at or over its budget gets 429 ``insufficient_quota``.  The
-cluster can overshoot a budget by the cost of the requests in flight when it is
-reached plus what other workers spent in the last flush interval and TTL.
+whichever is larger.  Before a call, its cost is estimated (prompt bytes / 4 and
+``max_tokens`` or 256 completion tokens, at the model's price) and reserved; a call
+that would take spend plus reservations past the budget gets 429
+``insufficient_quota``; after it, the reservation gives way to the real cost.  So one
+worker never spends past a budget; a cluster can overshoot it by what other workers
+spent in the last flush interval and key-cache TTL (a few seconds).
 """
 from __future__ import annotations
 
@@ -84,6 +87,7 @@ class Authenticator:
         # digest -> (expires at, KeyInfo or None, spent_pico from the store)
         self._cache: OrderedDict[bytes, tuple[float, KeyInfo | None, int]] = OrderedDict()
         self._spent: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}  # key id -> estimated cost of calls in flight
         self._spend_read: dict[str, float] = {}  # key id -> when the store's spend was read
         self._spend = spend
         self.lookups = 0
@@ -159,6 +163,26 @@ class Authenticator:
         if self._spent.get(key.id, 0) >= key.budget_pico:
             raise InsufficientQuota("This key has used up its budget. Ask the gateway's "
                                     "operator to raise it.")
+
+    def reserve(self, key: KeyInfo, estimate_pico: int) -> int:
+        """Reserve a call's estimated cost; 429 when it would pass the budget."""
+        if key.budget_pico is None or estimate_pico <= 0:
+            return 0
+        held = self._reserved.get(key.id, 0)
+        if self._spent.get(key.id, 0) + held + estimate_pico > key.budget_pico:
+            raise InsufficientQuota("This request's estimated cost is more than what is left "
+                                    "of this key's budget (lower max_tokens, or ask the "
+                                    "gateway's operator to raise the budget).")
+        self._reserved[key.id] = held + estimate_pico
+        return estimate_pico
+
+    def release(self, key: KeyInfo, reserved_pico: int) -> None:
+        if reserved_pico:
+            left = self._reserved.get(key.id, 0) - reserved_pico
+            if left > 0:
+                self._reserved[key.id] = left
+            else:
+                self._reserved.pop(key.id, None)
 
     def add_spend(self, key: KeyInfo, cost_pico: int) -> None:
         if key.budget_pico is not None and cost_pico:

@@ -64,10 +64,15 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def estimate_tokens(body: dict[str, Any], body_bytes: int) -> float:
+def estimate_usage(body: dict[str, Any], body_bytes: int) -> Usage:
+    """A call's usage before it happens: prompt bytes / 4, and max_tokens or a default."""
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     completion = limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION
-    return float(body_bytes // 4 + completion)
+    return Usage(prompt_tokens=body_bytes // 4, completion_tokens=completion)
+
+
+def estimate_tokens(body: dict[str, Any], body_bytes: int) -> float:
+    return float(estimate_usage(body, body_bytes).total_tokens)
 
 
 class LimitsUnavailable(GatewayError):

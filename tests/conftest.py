@@ -10,6 +10,14 @@ from typing import Any
 import orjson
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
+
+# Property tests check behaviour, not speed: on a shared, loaded machine (CI runs the
+# suite twice on 2 cores) per-example deadlines and the too_slow health check measure
+# the machine, so they are off for every property test.
+settings.register_profile("gwcore", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gwcore")
 
 # gwcore is imported lazily (inside the fixtures), so that tests/native can be
 # collected and run even while gwcore does not import.

@@ -16,6 +16,7 @@ from gwcore.auth import KeyInfo
 from gwcore.cache import directives
 from gwcore.errors import InvalidRequest
 from gwcore.pipeline import Call, Outcome, parse_json_body, require_model
+from gwcore.ratelimit import estimate_usage
 from gwcore.providers import mock
 from gwcore.providers.openai import StreamAssembler, completion_to_events
 from gwcore.server.connection import Request, Responder
@@ -98,12 +99,24 @@ async def serve_call(gw: "Gateway", request: Request, responder: Responder, out:
     key.check_model(model)
     route = gw.pipeline.route(model)  # 404 before any limit is spent
     await gw.auth.check_budget(key)
-    adm = await gw.limiter.admit(key, model, call.hub() if call.kind == "chat" else call.body,
-                           len(request.body), trio.current_time())
+    body = call.hub() if call.kind == "chat" else call.body
+    reserved = 0
+    if key.budget_pico is not None:  # the dollar limit reserves an estimate, as tokens do
+        estimate = gw.prices.cost_pico(model, estimate_usage(body, len(request.body)))
+        if estimate is None:  # priced by the upstream model when the name is a route's
+            estimate = gw.prices.cost_pico(route.deployments[0].model,
+                                           estimate_usage(body, len(request.body)))
+        reserved = gw.auth.reserve(key, estimate or 0)
+    try:
+        adm = await gw.limiter.admit(key, model, body, len(request.body), trio.current_time())
+    except BaseException:
+        gw.auth.release(key, reserved)
+        raise
     headers.extend(adm.headers)
     try:
         await _answer(gw, request, responder, out, headers, key, call, route, sse)
     finally:
+        gw.auth.release(key, reserved)
         # Also when the client left mid-way (the handler is cancelled): whatever usage
         # the upstream reported is what the reservation settles to.
         usage = NO_USAGE if out.extra.get("cache") == "hit" else out.usage

@@ -90,17 +90,28 @@ async def test_key_lifecycle_through_the_admin_api(gateway_factory):
 
 async def test_a_key_over_its_budget_gets_insufficient_quota(gateway_factory):
     async with serve_mock_openai() as mock, await gateway(gateway_factory, mock) as gw:
-        # gpt-4o-mini: each call here costs about 7e-6 USD.
-        r = await admin(gw, "POST", "/admin/keys", json={"name": "tight", "budget_usd": 0.00001})
+        # gpt-4o-mini: a call here costs about 7e-6 USD and reserves about 1.2e-5
+        # beforehand (max_tokens 10 at the output price plus the prompt).
+        budget = 0.00005
+        r = await admin(gw, "POST", "/admin/keys", json={"name": "tight", "budget_usd": budget})
         c = sdk(gw, r.json()["key"])
         calls = 0
         with pytest.raises(openai.RateLimitError) as err:
-            for _ in range(5):
-                await in_thread(c.chat.completions.create, model="gpt-4o-mini", messages=MESSAGES)
+            for _ in range(20):
+                await in_thread(c.chat.completions.create, model="gpt-4o-mini",
+                                messages=MESSAGES, max_tokens=10)
                 calls += 1
         assert err.value.code == "insufficient_quota"
-        assert calls == 2
-        assert mock.counts["/v1/chat/completions"] == 2
+        assert 3 <= calls < 20 and mock.counts["/v1/chat/completions"] == calls
+        spent = sum(line.get("cost_usd", 0)
+                    for line in await gw.log.wait_for(calls, "/v1/chat/completions"))
+        assert spent <= budget  # the reservation keeps one worker within the budget
+        # A request whose estimate alone is past what is left is refused up front.
+        r = await admin(gw, "POST", "/admin/keys", json={"name": "small", "budget_usd": 0.0001})
+        with pytest.raises(openai.RateLimitError) as err:
+            await in_thread(sdk(gw, r.json()["key"]).chat.completions.create,
+                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=100_000)
+        assert err.value.code == "insufficient_quota"
 
 
 async def test_usage_comes_from_the_audit_log(gateway_factory):
