@@ -152,18 +152,13 @@ def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers]
 
 
-_BY_STATUS: dict[int, type[GatewayError]] = {413: RequestTooLarge}
-
-
 def render_protocol_error(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The body for errors the server itself raises (400/413/431/500) in OpenAI format."""
-    cls = _BY_STATUS.get(status)
-    if cls is not None:
-        exc: GatewayError = cls(message)
+    """The body for errors the server itself raises (400/413/431/500/501) in OpenAI format."""
+    if status == 413:
+        exc: GatewayError = RequestTooLarge(message)
+    elif status >= 500:
+        exc = GatewayError(message)
     else:
-        exc = InvalidRequest(message, code="request_header_fields_too_large"
-                             if status == 431 else "invalid_http_request")
-        if status >= 500:
-            exc = GatewayError(message)
-        exc.status = status
+        exc = InvalidRequest(message, code="request_header_fields_too_large" if status == 431
+                             else "invalid_http_request")
     return JSON, exc.openai_body()
