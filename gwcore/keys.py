@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
+from gwcore.accounting import PICO
 from gwcore.errors import InvalidRequest
 from gwcore.ports import KeyRecord
 
-PICO = 10**12
 
 
 class KeyParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -32,9 +32,9 @@ from gwcore.providers.base import UpstreamRequest
 @dataclass(slots=True)
 class Timeouts:
     connect_s: float = 10.0
-    # Between bytes (and until the first byte) of the upstream response.
+    # Between bytes (and until the first byte) of the upstream response.  The total is
+    # the caller's: the pipeline wraps each attempt in trio.fail_after.
     read_s: float = 600.0
-    total_s: float = 600.0
 
 
 class UpstreamResponse:

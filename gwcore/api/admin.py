@@ -7,6 +7,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from gwcore.accounting import PICO
 from gwcore.errors import GatewayError, InvalidRequest, NotFound
 from gwcore.keys import changes_of, new_key, parse_params, show
 from gwcore.pipeline import Outcome
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
     from gwcore.api.routes import Gateway
 
 JSON = [(b"content-type", b"application/json")]
-PICO = 10**12
 
 
 class AdminOnly(GatewayError):

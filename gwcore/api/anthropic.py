@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gwcore.api.openai import serve_call
+from gwcore.api.openai import SSE, serve_call
 from gwcore.auth import KeyInfo
 from gwcore.errors import InvalidRequest
 from gwcore.pipeline import Call, Outcome, parse_json_body
@@ -13,8 +13,6 @@ from gwcore.server.connection import Request, Responder
 if TYPE_CHECKING:
     from gwcore.api.routes import Gateway
 
-SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-       (b"x-accel-buffering", b"no")]
 
 
 async def messages(gw: "Gateway", request: Request, responder: Responder, out: Outcome,

@@ -7,7 +7,7 @@ Anthropic ``/v1/messages`` endpoint) translate the other way around the hub.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gwcore.config import Deployment
@@ -26,14 +26,6 @@ class UpstreamRequest:
     # chunk is accounted and then stripped from what the client sees.
     injected_usage: bool = False
 
-
-@dataclass(slots=True)
-class StreamState:
-    """What a stream translator learned on the way (for accounting and the log)."""
-    usage: Usage | None = None
-    events: int = 0
-    finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class SSEEventLike(Protocol):

@@ -66,9 +66,6 @@ def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | No
     return body, openai_usage(body)
 
 
-def build_models(base: str, api_key: str | None) -> UpstreamRequest:
-    return UpstreamRequest("GET", join_url(base, "/models"), _headers(api_key), b"")
-
 
 def is_usage_only_chunk(data: str) -> bool:
     """The final chunk OpenAI sends for include_usage: no choices, a usage object."""
