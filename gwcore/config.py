@@ -54,6 +54,8 @@ class Deployment(_Base):
     base_url: str | None = None
     weight: float = 1.0
     timeout_s: float | None = None
+    # "native" or "httpx" (see ServerConfig.upstream_transport); None: the server's.
+    transport: Literal["native", "httpx"] | None = None
 
     def __post_init__(self) -> None:
         if not self.weight > 0:
@@ -163,6 +165,11 @@ class ServerConfig(_Base):
     shutdown_grace_s: float = 30.0
     # SSE comment keepalive (": ping") interval while a stream waits for its first token.
     stream_keepalive_s: float = 15.0
+    # The upstream transport of deployments that do not name theirs: "native", the lean
+    # trio + h11 keep-alive pool (the fast path), or "httpx", for what native does not
+    # do (HTTP/2).  Egress proxies (HTTP(S)_PROXY) are honoured either way: a proxied
+    # origin goes through httpx.
+    upstream_transport: Literal["native", "httpx"] = "native"
 
 
 class StorageConfig(_Base):
@@ -214,6 +221,7 @@ ENV_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "GATEWAY_HOST": (("server", "host"), "str"),
     "GATEWAY_PORT": (("server", "port"), "int"),
     "GATEWAY_WORKERS": (("server", "workers"), "int"),
+    "GATEWAY_UPSTREAM_TRANSPORT": (("server", "upstream_transport"), "str"),
     "GATEWAY_MASTER_KEY": (("master_key",), "str"),
     "GATEWAY_API_KEYS": (("api_keys",), "csv"),
     "OPENAI_API_KEY": (("providers", "openai", "api_key"), "str"),

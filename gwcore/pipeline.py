@@ -204,7 +204,7 @@ class Pipeline:
             with trio.fail_after(first_byte_s):
                 resp = await attempt.enter_async_context(self.upstreams.open(
                     ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
-                                   read_s=timeout_s)))
+                                   read_s=timeout_s), self.router.transport(dep)))
             status = resp.status
             if status == 200:
                 self.router.succeeded(health, r)

@@ -130,6 +130,9 @@ class Router:
         creds = self._cfg.provider(dep.provider)
         return (dep.base_url or creds.base_url or DEFAULT_BASE_URLS[dep.provider]).rstrip("/")
 
+    def transport(self, dep: Deployment) -> str:
+        return dep.transport or self._cfg.server.upstream_transport
+
     def api_key(self, dep: Deployment) -> str | None:
         if dep.api_key:
             return dep.api_key

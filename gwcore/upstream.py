@@ -1,4 +1,8 @@
-"""The only httpx user: one pooled AsyncClient per upstream origin.
+"""The upstream transports: the native trio + h11 pool, and httpx.
+
+Native (``gwcore.transport``) is the default and the fast path; httpx (one pooled
+AsyncClient per origin) serves deployments with ``transport: httpx`` and egress
+proxies.  Both give the same response interface and raise the same errors.
 
 ``Upstreams.open`` sends an ``UpstreamRequest`` and yields an ``UpstreamResponse``
 whose body can be read whole or iterated as it arrives.  Leaving the ``async with``
@@ -9,15 +13,19 @@ httpx's exceptions are translated here, keeping the cause:
 connect errors -> ``UpstreamUnavailable`` (503), timeouts -> ``UpstreamTimeout`` (504),
 a broken response -> ``UpstreamError`` (502).
 
-``mock://`` URLs are answered in-process by the ``mock`` provider through an httpx
-transport, so the demo and tests take exactly the same path as real upstreams.
+``mock://`` URLs are answered in-process by the ``mock`` provider (through an httpx
+transport for ``transport: httpx``), so the demo and tests take the pipeline's real
+path up to the socket.
 """
 from __future__ import annotations
 
+import logging
 import time
+import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -27,6 +35,9 @@ import trio
 from gwcore.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gwcore.providers import mock
 from gwcore.providers.base import UpstreamRequest
+from gwcore.transport import NativePools
+
+log = logging.getLogger("gwcore.upstream")
 
 
 @dataclass(slots=True)
@@ -65,6 +76,56 @@ class UpstreamResponse:
             raise UpstreamError(f"The upstream stream broke off: {type(exc).__name__}.") from exc
 
 
+def mock_answer(method: str, url: str, raw: bytes) -> tuple[int, list[tuple[str, str]],
+                                                              list[bytes], float]:
+    """The mock provider's answer: status, headers, body parts, the gap between parts."""
+    _, tokens_per_s = mock.pacing(url)
+    path = urlsplit(url).path
+    created = int(time.time())
+    json_headers = [("content-type", "application/json")]
+    if method == "GET" and path.endswith("/models"):
+        return 200, json_headers, [mock.models(created)], 0.0
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        return 400, json_headers, [_mock_error("invalid JSON body")], 0.0
+    model = str(body.get("model") or "mock-1")
+    if path.endswith("/embeddings"):
+        return 200, json_headers, [mock.embeddings(body, model)], 0.0
+    if path.endswith("/chat/completions"):
+        if body.get("stream") is True:
+            gap = 1.0 / tokens_per_s if tokens_per_s else 0.0
+            return 200, [("content-type", "text/event-stream")], \
+                list(mock.chat_stream(body, model, created)), gap
+        return 200, json_headers, [mock.chat_completion(body, model, created)], 0.0
+    return 404, json_headers, [_mock_error(f"Unknown path {path}")], 0.0
+
+
+def _mock_error(message: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                   "param": None, "code": None}})
+
+
+class MockResponse:
+    """The mock provider's answer in process, for the native transport."""
+    __slots__ = ("status", "headers", "_parts", "_gap_s")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], parts: list[bytes],
+                 gap_s: float) -> None:
+        self.status, self.headers, self._parts, self._gap_s = status, headers, parts, gap_s
+
+    async def read(self) -> bytes:
+        return b"".join(self._parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for i, part in enumerate(self._parts):
+            if i and self._gap_s:
+                await trio.sleep(self._gap_s)
+            yield part
+
+
 class _MockStream(httpx.AsyncByteStream):
     def __init__(self, parts: list[bytes], gap_s: float) -> None:
         self.parts = parts
@@ -81,50 +142,36 @@ class MockTransport(httpx.AsyncBaseTransport):
     """Answers OpenAI-format requests with the deterministic ``mock`` provider."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        latency_s, tokens_per_s = mock.pacing(str(request.url))
+        latency_s, _ = mock.pacing(str(request.url))
         if latency_s:
             await trio.sleep(latency_s)
-        path = request.url.path
-        created = int(time.time())
-        if request.method == "GET" and path.endswith("/models"):
-            return httpx.Response(200, content=mock.models(created),
-                                  headers={"content-type": "application/json"})
-        try:
-            body = orjson.loads(await request.aread())
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            return httpx.Response(400, json={"error": {"message": "invalid JSON body",
-                                  "type": "invalid_request_error", "param": None, "code": None}})
-        model = str(body.get("model") or "mock-1")
-        if path.endswith("/embeddings"):
-            return httpx.Response(200, content=mock.embeddings(body, model),
-                                  headers={"content-type": "application/json"})
-        if path.endswith("/chat/completions"):
-            if body.get("stream") is True:
-                parts = mock.chat_stream(body, model, created)
-                gap = 1.0 / tokens_per_s if tokens_per_s else 0.0
-                return httpx.Response(200, stream=_MockStream(parts, gap),
-                                      headers={"content-type": "text/event-stream"})
-            return httpx.Response(200, content=mock.chat_completion(body, model, created),
-                                  headers={"content-type": "application/json"})
-        return httpx.Response(404, json={"error": {"message": f"Unknown path {path}",
-                              "type": "invalid_request_error", "param": None, "code": None}})
+        status, headers, parts, gap = mock_answer(request.method, str(request.url),
+                                                  await request.aread())
+        return httpx.Response(status, headers=headers, stream=_MockStream(parts, gap))
 
 
 class Upstreams:
-    """The pooled clients, opened in app.py with ``async with``."""
+    """Both transports' pools, opened in app.py with ``async with``.
+
+    ``transport`` is the deployment's: "native" (the lean trio + h11 pool in
+    ``gwcore.transport``, the default) or "httpx".  A native deployment whose origin an
+    HTTP(S)_PROXY / ALL_PROXY variable applies to (and NO_PROXY does not exempt) goes
+    through httpx, which speaks to proxies, so setting a proxy is honoured either way.
+    """
 
     def __init__(self, *, max_connections: int = 1000, keepalive: int = 200) -> None:
+        self.native = NativePools(max_connections=max_connections, max_idle=keepalive)
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._limits = httpx.Limits(max_connections=max_connections,
                                     max_keepalive_connections=keepalive, keepalive_expiry=60)
+        self._proxied: dict[str, bool] = {}
         self.requests_total = 0
 
     async def __aenter__(self) -> "Upstreams":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.native.close()
         with trio.move_on_after(5, shield=True):
             for client in self._clients.values():
                 await client.aclose()
@@ -141,17 +188,44 @@ class Upstreams:
             self._clients[origin] = client
         return client
 
+    def _needs_proxy(self, url: str) -> bool:
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc}"
+        proxied = self._proxied.get(key)
+        if proxied is None:
+            proxies = urllib.request.getproxies_environment()
+            proxied = bool(proxies.get(parts.scheme) or proxies.get("all")) and \
+                not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
+            if proxied:
+                log.info("upstream %s goes through the egress proxy (httpx transport)", key)
+            self._proxied[key] = proxied
+        return proxied
+
     def statistics(self) -> dict[str, int]:
-        return {"upstream_clients": len(self._clients), "upstream_requests_total": self.requests_total}
+        return {"upstream_clients": len(self._clients),
+                "upstream_requests_total": self.requests_total, **self.native.statistics()}
+
+    def open(self, req: UpstreamRequest, timeouts: Timeouts,
+             transport: str = "native") -> AbstractAsyncContextManager[Any]:
+        """``async with upstreams.open(...) as response``: ``status``, ``headers``
+        (lower-case str pairs), ``await read()``, ``async for chunk in chunks()``."""
+        self.requests_total += 1
+        if transport == "native":
+            if req.url.startswith("mock:"):
+                return _open_mock(req)
+            if not self._needs_proxy(req.url):
+                return self.native.exchange(req.method, req.url, req.headers, req.body,
+                                            timeouts.connect_s, timeouts.read_s)
+        return self._open_httpx(req, timeouts)
 
     @asynccontextmanager
-    async def open(self, req: UpstreamRequest, timeouts: Timeouts) -> AsyncIterator[UpstreamResponse]:
+    async def _open_httpx(self, req: UpstreamRequest,
+                          timeouts: Timeouts) -> AsyncIterator[UpstreamResponse]:
         client = self._client(req.url)
         timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.read_s,
                                 write=timeouts.read_s, pool=timeouts.connect_s)
         request = client.build_request(req.method, req.url, headers=req.headers,
                                        content=req.body or None, timeout=timeout)
-        self.requests_total += 1
         try:
             response = await client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
@@ -169,3 +243,11 @@ class Upstreams:
             # this is quick; the bound keeps a wedged socket from holding us.
             with trio.move_on_after(2, shield=True):
                 await response.aclose()
+
+
+@asynccontextmanager
+async def _open_mock(req: UpstreamRequest) -> AsyncIterator[MockResponse]:
+    latency_s, _ = mock.pacing(req.url)
+    if latency_s:
+        await trio.sleep(latency_s)
+    yield MockResponse(*mock_answer(req.method, req.url, req.body))

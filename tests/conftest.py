@@ -95,9 +95,17 @@ async def run_gateway(cfg: Any) -> AsyncIterator[RunningGateway]:
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Callable[..., Any]:
+def upstream_transport() -> str:
+    """The gateway's default upstream transport; a module that redefines this fixture
+    with ``params=["native", "httpx"]`` runs its tests on both."""
+    return "native"
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path, upstream_transport: str) -> Callable[..., Any]:
     def factory(yaml_text: str | None = None, *, env: dict[str, str] | None = None,
                 **overrides: Any):
+        overrides = {"server.upstream_transport": upstream_transport, **overrides}
         return run_gateway(make_config(yaml_text, env=env, tmp_path=tmp_path, **overrides))
     return factory
 

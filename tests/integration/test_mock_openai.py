@@ -26,6 +26,17 @@ from tests.support.mock_openai import (
     serve_mock_openai,
 )
 
+async def stream_counts(upstream: MockOpenAI, expected: tuple[int, int, int]) -> None:
+    """The mock's (started, completed, aborted) stream counts reach ``expected``: the
+    mock books a stream after its last write, which a fast client can read first."""
+    with trio.move_on_after(5):
+        while (upstream.streams_started, upstream.streams_completed,
+               upstream.streams_aborted) != expected:
+            await trio.sleep(0.01)
+    assert (upstream.streams_started, upstream.streams_completed,
+            upstream.streams_aborted) == expected
+
+
 T = TypeVar("T")
 
 MESSAGES = [
@@ -129,7 +140,7 @@ async def test_streamed_deltas_concatenate_to_the_reply_and_end_with_usage(
     assert usage_chunk.usage is not None
     assert usage_chunk.usage.completion_tokens == len(DEFAULT_REPLY.split())
     assert all(c.usage is None for c in chunks[:-1])
-    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 1, 0)
+    await stream_counts(upstream, (1, 1, 0))
 
 
 async def test_a_stream_without_include_usage_has_no_usage_chunk(upstream: MockOpenAI, client: openai.OpenAI) -> None:
@@ -321,7 +332,7 @@ async def test_a_client_that_closes_mid_stream_is_counted_as_aborted(
         await upstream.aborted.wait()
 
     assert got[1].choices[0].delta.content == "word "
-    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 0, 1)
+    await stream_counts(upstream, (1, 0, 1))
 
 
 async def test_a_client_that_gives_up_on_a_hang_is_counted_as_aborted(
@@ -368,7 +379,7 @@ async def test_a_client_that_times_out_before_the_first_byte_is_counted_as_abort
     with trio.fail_after(5):
         await upstream.aborted.wait()
 
-    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 0, 1)
+    await stream_counts(upstream, (1, 0, 1))
 
 
 async def test_latency_delays_a_non_streaming_answer(upstream: MockOpenAI, client: openai.OpenAI) -> None:
@@ -514,7 +525,7 @@ async def test_a_streamed_response_ends_with_the_completed_response_and_its_usag
     assert completed.usage.input_tokens == input_tokens_for("hi")
     assert final.output_text == DEFAULT_REPLY
     assert upstream.requests[-1].json["stream"] is True
-    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (1, 1, 0)
+    await stream_counts(upstream, (1, 1, 0))
 
 
 async def test_the_raw_responses_stream_is_openai_sse_without_done(upstream: MockOpenAI) -> None:
@@ -706,7 +717,7 @@ async def test_responses_stream_events_are_paced_and_an_early_close_is_an_abort(
         await upstream.aborted.wait()
 
     assert got[5].type == "response.output_text.delta" and got[5].delta == "word "
-    assert (upstream.streams_started, upstream.streams_completed, upstream.streams_aborted) == (2, 1, 1)
+    await stream_counts(upstream, (2, 1, 1))
 
 
 async def test_responses_latency_and_hang_apply(upstream: MockOpenAI, client: openai.OpenAI) -> None:

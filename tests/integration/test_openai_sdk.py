@@ -16,6 +16,13 @@ import trio
 from tests.support.mock_openai import serve_mock_openai
 from tests.support.sdk import track
 
+
+@pytest.fixture(params=["native", "httpx"])
+def upstream_transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both upstream transports."""
+    return request.param
+
+
 KEY = "gw-test-key-0001"
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Say hello to the gateway tests."}]

@@ -19,6 +19,13 @@ from tests.support.mock_gemini import serve_mock_gemini
 from tests.support.mock_openai import serve_mock_openai
 from tests.support.sdk import track
 
+
+@pytest.fixture(params=["native", "httpx"])
+def upstream_transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both upstream transports."""
+    return request.param
+
+
 UPSTREAMS = {"openai": "gpt-4o-mini", "anthropic": "claude-3-5-haiku-latest",
              "google": "gemini-2.0-flash"}
 CONFIG = """

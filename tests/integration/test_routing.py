@@ -12,6 +12,13 @@ import trio
 from tests.integration.test_openai_sdk import KEY, MESSAGES, client, in_thread
 from tests.support.mock_openai import serve_mock_openai
 
+
+@pytest.fixture(params=["native", "httpx"])
+def upstream_transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both upstream transports."""
+    return request.param
+
+
 CHAT = "/v1/chat/completions"
 
 

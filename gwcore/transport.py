@@ -1,0 +1,433 @@
+"""The native upstream transport: a lean keep-alive connection pool on trio + h11.
+
+One ``OriginPool`` per scheme://host:port holds idle connections (a LIFO stack, so
+the warmest connection is reused and the coldest ages out) and caps open connections
+with a semaphore.  A request takes an idle connection (or opens one: TCP, then TLS
+through ``trio.SSLStream`` for https), writes the whole request in one ``send_all``
+and reads the answer through h11.  The connection goes back to the pool only when
+h11 says both sides finished the exchange cleanly (``our_state`` and
+``their_state`` both ``DONE``); anything else (an error, a cancel, an answer left
+half-read, ``Connection: close``) closes it.
+
+Timeouts: ``connect_s`` bounds waiting for a pool slot plus TCP connect plus the TLS
+handshake; ``read_s`` bounds each wait for bytes (the first byte included); the total
+is the caller's (the pipeline wraps each attempt in ``trio.fail_after``).
+
+Stale connections: an idle connection the server closed is noticed before use (a
+non-blocking ``MSG_PEEK`` sees the EOF) and dropped.  If a reused connection still
+fails before a single byte of the answer arrived, the request is sent again once on
+a fresh connection when that is safe: the method is idempotent, or the request never
+got out whole (the write itself failed), so the server cannot have acted on it.
+
+Errors are the gateway's own: ``UpstreamUnavailable`` (cannot connect),
+``UpstreamTimeout`` (no bytes within ``read_s``), ``UpstreamError`` (the connection
+broke or the answer was not valid HTTP).
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from gwcore.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+RECEIVE_BYTES = 65536
+USER_AGENT = b"gwcore"
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class _Stale(Exception):
+    """A reused connection failed before any byte of the answer: try a fresh one."""
+
+    def __init__(self, cause: BaseException, sent: bool) -> None:
+        self.cause = cause
+        self.sent = sent
+
+
+class _Target:
+    """What a URL gives a request, computed once per URL."""
+    __slots__ = ("origin", "scheme", "host", "port", "path", "host_header")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamUnavailable(f"Unsupported upstream URL scheme '{parts.scheme}'.")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        default = 443 if parts.scheme == "https" else 80
+        try:
+            self.port = parts.port or default
+        except ValueError as exc:
+            raise UpstreamUnavailable("The upstream URL has an invalid port.") from exc
+        self.origin = f"{self.scheme}://{self.host}:{self.port}"
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        self.path = path.encode("ascii", "strict")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if self.port == default else f"{host}:{self.port}").encode("idna")
+
+
+class Conn:
+    __slots__ = ("stream", "raw", "h11", "idle_since", "reused", "tls")
+
+    def __init__(self, stream: trio.abc.Stream, raw: Any, tls: bool) -> None:
+        self.stream = stream
+        self.raw = raw                  # the stdlib socket, for the liveness peek
+        self.tls = tls
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self.reused = False
+
+    def alive(self) -> bool:
+        """False when the peer closed (or sent something unasked) while we were idle."""
+        if self.raw is None:
+            return True
+        try:
+            data = self.raw.recv(1, _PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        # TLS 1.3 servers send session tickets after the handshake: bytes waiting on
+        # a TLS connection are not a sign of trouble; an EOF is.
+        return bool(data) and self.tls
+
+    def close(self) -> None:
+        raw = self.raw
+        try:
+            if raw is not None:
+                # RST-free close; the fd goes now, not at garbage collection.
+                raw.close()
+            else:
+                _plain(self.stream).socket.close()
+        except OSError:
+            pass
+
+
+def _plain(stream: trio.abc.Stream) -> trio.SocketStream:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream
+
+
+class OriginPool:
+    __slots__ = ("target", "idle", "max_connections", "max_idle", "idle_expiry_s",
+                 "ssl_context", "open", "waiters")
+
+    def __init__(self, target: _Target, *, max_connections: int, max_idle: int,
+                 idle_expiry_s: float, ssl_context: ssl.SSLContext | None) -> None:
+        self.target = target
+        self.idle: list[Conn] = []
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_expiry_s = idle_expiry_s
+        self.ssl_context = ssl_context
+        self.open = 0                   # connections open, idle ones included
+        self.waiters = trio.lowlevel.ParkingLot()
+
+    def _pop_idle(self) -> Conn | None:
+        now = time.monotonic()
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < self.idle_expiry_s and conn.alive():
+                conn.reused = True
+                return conn
+            self.discard(conn)
+        return None
+
+    async def acquire(self, connect_s: float, fresh: bool = False) -> Conn:
+        """An idle live connection, or a new one; when ``max_connections`` are open
+        and busy, wait (within ``connect_s``) for one to come back or close."""
+        if not fresh:
+            conn = self._pop_idle()
+            if conn is not None:
+                return conn
+        with trio.move_on_after(connect_s):
+            while True:
+                if not fresh:
+                    conn = self._pop_idle()
+                    if conn is not None:
+                        return conn
+                elif self.open >= self.max_connections and self.idle:
+                    self.discard(self.idle.pop(0))  # make room: the coldest goes
+                if self.open < self.max_connections:
+                    self.open += 1
+                    try:
+                        return await self._connect()
+                    except BaseException:
+                        self.open -= 1
+                        self.waiters.unpark()
+                        raise
+                await self.waiters.park()
+        raise UpstreamUnavailable("Connecting to the upstream timed out.")
+
+    async def _connect(self) -> Conn:
+        t = self.target
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
+        except OSError as exc:
+            raise UpstreamUnavailable("The upstream could not be reached.") from exc
+        sock = stream.socket
+        raw = getattr(sock, "_sock", None)
+        if t.scheme == "https":
+            assert self.ssl_context is not None
+            ssl_stream = trio.SSLStream(stream, self.ssl_context, server_hostname=t.host,
+                                        https_compatible=True)
+            try:
+                await ssl_stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                await trio.aclose_forcefully(stream)
+                raise UpstreamUnavailable(
+                    f"The TLS handshake with the upstream failed: {exc}.") from exc
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            return Conn(ssl_stream, raw, True)
+        return Conn(stream, raw, False)
+
+    def release(self, conn: Conn) -> None:
+        """Back to the idle stack when h11 says the exchange ended cleanly; else close."""
+        h = conn.h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE and \
+                len(self.idle) < self.max_idle:
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                self.discard(conn)
+                return
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+            if self.waiters:
+                self.waiters.unpark()
+            return
+        self.discard(conn)
+
+    def discard(self, conn: Conn) -> None:
+        conn.close()
+        self.open -= 1
+        if self.waiters:
+            self.waiters.unpark()
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.discard(self.idle.pop())
+
+
+class NativeResponse:
+    """The answer of one exchange; ``Exchange.__aexit__`` releases its connection."""
+    __slots__ = ("status", "headers", "_conn", "_read_s", "_ended")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], conn: Conn,
+                 read_s: float) -> None:
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._read_s = read_s
+        self._ended = False
+
+    async def _event(self) -> Any:
+        conn = self._conn
+        h = conn.h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError(f"The upstream response broke off: {exc}.") from exc
+            if event is not h11.NEED_DATA:
+                return event
+            h.receive_data(await _receive(conn, self._read_s))
+
+    async def read(self) -> bytes:
+        parts: list[bytes] = []
+        while not self._ended:
+            event = await self._event()
+            if type(event) is h11.Data:
+                parts.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                self._ended = True
+            elif type(event) is h11.ConnectionClosed:
+                raise UpstreamError("The upstream closed the connection mid-response.")
+        return b"".join(parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives.  Close the iterator (``aclose``) when done with it."""
+        while not self._ended:
+            event = await self._event()
+            if type(event) is h11.Data:
+                yield event.data
+            elif type(event) is h11.EndOfMessage:
+                self._ended = True
+            elif type(event) is h11.ConnectionClosed:
+                raise UpstreamError("The upstream stream broke off.")
+
+
+async def _receive(conn: Conn, read_s: float) -> bytes:
+    with trio.move_on_after(read_s):
+        try:
+            return await conn.stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
+    raise UpstreamTimeout()
+
+
+class Exchange:
+    """``async with pool.exchange(...) as response``: one request and its answer."""
+    __slots__ = ("pools", "method", "url", "headers", "body", "connect_s", "read_s",
+                 "_target", "_pool", "_conn")
+
+    def __init__(self, pools: "NativePools", method: str, url: str,
+                 headers: list[tuple[str, str]], body: bytes, connect_s: float,
+                 read_s: float) -> None:
+        self.pools = pools
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.connect_s = connect_s
+        self.read_s = read_s
+        self._target: _Target | None = None
+        self._pool: OriginPool | None = None
+        self._conn: Conn | None = None
+
+    async def __aenter__(self) -> NativeResponse:
+        self._target, pool = self.pools.resolve(self.url)
+        self._pool = pool
+        conn = await pool.acquire(self.connect_s)
+        try:
+            try:
+                return await self._send(pool, conn)
+            except _Stale as stale:
+                pool.discard(conn)
+                conn = None  # type: ignore[assignment]
+                if not stale.sent or self.method in IDEMPOTENT:
+                    conn = await pool.acquire(self.connect_s, fresh=True)
+                    return await self._send(pool, conn)
+                raise UpstreamError(
+                    "The upstream closed a kept-alive connection without answering.") \
+                    from stale.cause
+        except BaseException:
+            if conn is not None:
+                pool.discard(conn)
+            raise
+
+    async def _send(self, pool: OriginPool, conn: Conn) -> NativeResponse:
+        self._conn = conn
+        h = conn.h11
+        t = self._target
+        assert t is not None
+        body = self.body
+        headers = [(b"host", t.host_header)]
+        headers.extend(self.headers)  # type: ignore[arg-type]
+        if body or self.method not in IDEMPOTENT:
+            headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            data = h.send(h11.Request(method=self.method, target=t.path, headers=headers))
+            if body:
+                data += h.send(h11.Data(data=body))
+            data += h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"The upstream request could not be sent: {exc}.") from exc
+        try:
+            await conn.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if conn.reused:
+                raise _Stale(exc, sent=False) from exc
+            raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
+        got_bytes = False
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if conn.reused and not got_bytes and h.their_state is h11.ERROR \
+                        and not h.trailing_data[0]:
+                    raise _Stale(exc, sent=True) from exc
+                raise UpstreamError(f"The upstream sent an invalid response: {exc}.") \
+                    from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await _receive(conn, self.read_s)
+                except UpstreamError as exc:
+                    if conn.reused and not got_bytes:
+                        raise _Stale(exc, sent=True) from exc
+                    raise
+                if data:
+                    got_bytes = True
+                elif conn.reused and not got_bytes:
+                    raise _Stale(EOFError("connection closed"), sent=True)
+                h.receive_data(data)
+                continue
+            if type(event) is h11.Response:
+                return NativeResponse(
+                    event.status_code,
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
+                    conn, self.read_s)
+            if type(event) is h11.ConnectionClosed:
+                raise UpstreamError("The upstream closed the connection without answering.")
+            # InformationalResponse (100 Continue and friends): keep reading.
+
+    async def __aexit__(self, *exc: object) -> None:
+        pool, conn = self._pool, self._conn
+        self._conn = None
+        if pool is not None and conn is not None:
+            pool.release(conn)
+
+
+class NativePools:
+    """Every origin's pool; closed with the app."""
+
+    def __init__(self, *, max_connections: int = 1000, max_idle: int = 200,
+                 idle_expiry_s: float = 30.0) -> None:
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        # 30 s: below the idle timeout of common servers and balancers (nginx 75 s,
+        # AWS ALB 60 s), so we rarely find a connection the far side already closed.
+        self.idle_expiry_s = idle_expiry_s
+        self._pools: dict[str, OriginPool] = {}
+        self._targets: dict[str, tuple[_Target, OriginPool]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context()
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl = ctx
+        return self._ssl
+
+    def resolve(self, url: str) -> tuple[_Target, OriginPool]:
+        hit = self._targets.get(url)
+        if hit is not None:
+            return hit
+        target = _Target(url)
+        pool = self._pools.get(target.origin)
+        if pool is None:
+            pool = OriginPool(target, max_connections=self.max_connections,
+                              max_idle=self.max_idle, idle_expiry_s=self.idle_expiry_s,
+                              ssl_context=self._ssl_context() if target.scheme == "https"
+                              else None)
+            self._pools[target.origin] = pool
+        if len(self._targets) > 4096:
+            self._targets.clear()
+        hit = self._targets[url] = (target, pool)
+        return hit
+
+    def exchange(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
+                 connect_s: float, read_s: float) -> Exchange:
+        return Exchange(self, method, url, headers, body, connect_s, read_s)
+
+    def statistics(self) -> dict[str, int]:
+        return {"upstream_connections": sum(p.open for p in self._pools.values()),
+                "upstream_connections_idle": sum(len(p.idle) for p in self._pools.values())}
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close_idle()
