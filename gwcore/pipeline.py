@@ -201,20 +201,25 @@ class Pipeline:
         error: GatewayError
         status = 0
         try:
-            with trio.fail_after(first_byte_s):
+            resp = None
+            # move_on_after, not fail_after: a bare cancel scope, no generator.
+            with trio.move_on_after(first_byte_s):
                 resp = await attempt.enter_async_context(self.upstreams.open(
                     ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
                                    read_s=timeout_s), self.router.transport(dep)))
+            if resp is None:
+                raise UpstreamTimeout()
             status = resp.status
             if status == 200:
                 self.router.succeeded(health, r)
                 stack.push_async_exit(attempt.pop_all())
                 return Attempt(resp, ureq, dep, r, health, passthrough)
-            with trio.fail_after(timeout_s):
+            data = None
+            with trio.move_on_after(timeout_s):
                 data = await resp.read()
+            if data is None:
+                raise UpstreamTimeout()
             error = registry.adapter(dep.provider).map_error(status, data, resp.headers)
-        except trio.TooSlowError:
-            error = UpstreamTimeout()
         except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
             error = exc
         finally:
@@ -248,11 +253,11 @@ class Pipeline:
         async with AsyncExitStack() as stack:
             a = await self._attempt(call, route, out, stack)
             timeout_s = clamp_timeout(a.dep.timeout_s or a.route.timeout_s, call.timeout_hint)
-            try:
-                with trio.fail_after(timeout_s):
-                    data = await a.resp.read()
-            except trio.TooSlowError:
-                raise UpstreamTimeout() from None
+            data = None
+            with trio.move_on_after(timeout_s):
+                data = await a.resp.read()
+            if data is None:
+                raise UpstreamTimeout()
         adapter = registry.adapter(a.dep.provider)
         if call.kind == "responses":
             out.usage = responses_usage(data)

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
+from gwcore._h11 import h11
 import trio
 
 from gwcore.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -225,15 +225,20 @@ class OriginPool:
 
 class NativeResponse:
     """The answer of one exchange; ``Exchange.__aexit__`` releases its connection."""
-    __slots__ = ("status", "headers", "_conn", "_read_s", "_ended")
+    __slots__ = ("status", "_raw_headers", "_conn", "_read_s", "_ended")
 
-    def __init__(self, status: int, headers: list[tuple[str, str]], conn: Conn,
-                 read_s: float) -> None:
+    def __init__(self, status: int, raw_headers: Any, conn: Conn, read_s: float) -> None:
         self.status = status
-        self.headers = headers
+        self._raw_headers = raw_headers
         self._conn = conn
         self._read_s = read_s
         self._ended = False
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Lower-case (name, value) pairs; decoded only when asked (errors need them)."""
+        return [(name.decode("latin-1"), value.decode("latin-1"))
+                for _, name, value in self._raw_headers._full_items]
 
     async def _event(self) -> Any:
         conn = self._conn
@@ -272,12 +277,41 @@ class NativeResponse:
 
 
 async def _receive(conn: Conn, read_s: float) -> bytes:
+    """The next bytes from the upstream (b"" at EOF), within ``read_s``.
+
+    Plain TCP waits for readability first and then reads the socket directly: the
+    answer to a request just sent is never there yet, so trying the read first (what
+    ``receive_some`` does) would only cost a failed syscall.
+    """
+    raw = conn.raw
     with trio.move_on_after(read_s):
         try:
-            return await conn.stream.receive_some(RECEIVE_BYTES)
+            if raw is None or conn.tls:
+                return await conn.stream.receive_some(RECEIVE_BYTES)
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    return raw.recv(RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
     raise UpstreamTimeout()
+
+
+async def _send(conn: Conn, data: bytes) -> None:
+    """The whole of ``data``: straight into the socket buffer when it fits (a request
+    nearly always does), else through the stream, which waits for room."""
+    raw = conn.raw
+    if raw is not None and not conn.tls:
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    await conn.stream.send_all(data)
 
 
 class Exchange:
@@ -338,7 +372,7 @@ class Exchange:
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"The upstream request could not be sent: {exc}.") from exc
         try:
-            await conn.stream.send_all(data)
+            await _send(conn, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if conn.reused:
                 raise _Stale(exc, sent=False) from exc
@@ -367,10 +401,7 @@ class Exchange:
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
-                return NativeResponse(
-                    event.status_code,
-                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
-                    conn, self.read_s)
+                return NativeResponse(event.status_code, event.headers, conn, self.read_s)
             if type(event) is h11.ConnectionClosed:
                 raise UpstreamError("The upstream closed the connection without answering.")
             # InformationalResponse (100 Continue and friends): keep reading.

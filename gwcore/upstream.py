@@ -189,16 +189,21 @@ class Upstreams:
         return client
 
     def _needs_proxy(self, url: str) -> bool:
-        parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.netloc}"
-        proxied = self._proxied.get(key)
+        proxied = self._proxied.get(url)
         if proxied is None:
-            proxies = urllib.request.getproxies_environment()
-            proxied = bool(proxies.get(parts.scheme) or proxies.get("all")) and \
-                not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
-            if proxied:
-                log.info("upstream %s goes through the egress proxy (httpx transport)", key)
-            self._proxied[key] = proxied
+            if len(self._proxied) > 4096:
+                self._proxied.clear()
+            proxied = self._proxied[url] = self._origin_needs_proxy(url)
+        return proxied
+
+    def _origin_needs_proxy(self, url: str) -> bool:
+        parts = urlsplit(url)
+        proxies = urllib.request.getproxies_environment()
+        proxied = bool(proxies.get(parts.scheme) or proxies.get("all")) and \
+            not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
+        if proxied:
+            log.info("upstream %s://%s goes through the egress proxy (httpx transport)",
+                     parts.scheme, parts.netloc)
         return proxied
 
     def statistics(self) -> dict[str, int]:

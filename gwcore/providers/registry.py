@@ -11,5 +11,11 @@ _MODULES = {"openai": "gwcore.providers.openai", "mock": "gwcore.providers.opena
             "anthropic": "gwcore.providers.anthropic", "google": "gwcore.providers.google"}
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def adapter(provider: str) -> ModuleType:
-    return importlib.import_module(_MODULES[provider])
+    module = _LOADED.get(provider)
+    if module is None:
+        module = _LOADED[provider] = importlib.import_module(_MODULES[provider])
+    return module
