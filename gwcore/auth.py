@@ -18,6 +18,13 @@ that would take spend plus reservations past the budget gets 429
 ``insufficient_quota``; after it, the reservation gives way to the real cost.  So one
 worker never spends past a budget; a cluster can overshoot it by what other workers
 spent in the last flush interval and key-cache TTL (a few seconds).
+
+The key store unreachable (the database is down): a dynamic key this worker has
+accepted before goes on working on its last known record, and its spend is what this
+worker knows; any other key (unknown, revoked, expired, never seen here) gets 503
+``KeyStoreUnavailable``, so the answer says nothing about whether such a key exists.
+After a failed lookup the store is left alone for ``STORE_RETRY_S``, so a dead
+database costs one failed lookup a second, not one (or a connect timeout) per request.
 """
 from __future__ import annotations
 
@@ -29,11 +36,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gwcore.config import Config
-from gwcore.errors import InsufficientQuota, InvalidApiKey, ModelNotAllowed
+from gwcore.errors import GatewayError, InsufficientQuota, InvalidApiKey, ModelNotAllowed
 from gwcore.ports import KeyRecord, KeyStore
 
 KEY_CACHE_TTL_S = 5.0
 KEY_CACHE_MAX = 100_000
+# After the key store failed, this long before it is asked again.
+STORE_RETRY_S = 1.0
+
+
+class KeyStoreUnavailable(GatewayError):
+    """The key store cannot be reached and this worker has not accepted the presented
+    key before: it can be neither accepted nor refused (503, as ``LimitsUnavailable``)."""
+    status = 503
+    type = "api_error"
+    code = "upstream_unavailable"
+    anthropic_type = "overloaded_error"
+    message = ("Gateway keys cannot be checked right now: the key store (the database) "
+               "cannot be reached. Retry shortly.")
+
+
+def store_unavailable(store: object, exc: Exception) -> bool:
+    """Whether ``exc`` from ``store`` means it did not answer (rather than a bug): the
+    SQL stores tell (``is_unavailable``); any other store's failure counts as one."""
+    if store is None:
+        return False
+    check = getattr(store, "is_unavailable", None)
+    return bool(check(exc)) if check is not None else True
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +75,7 @@ class KeyInfo:
     tpm: int | None = None
     max_concurrency: int | None = None
     budget_pico: int | None = None
+    expires_at: float | None = None       # unix seconds (dynamic keys)
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -63,7 +93,7 @@ def key_info(record: KeyRecord) -> KeyInfo:
     return KeyInfo(id=record.id, name=record.name,
                    models=frozenset(record.models) if record.models is not None else None,
                    rpm=record.rpm, tpm=record.tpm, max_concurrency=record.max_concurrency,
-                   budget_pico=record.budget_pico)
+                   budget_pico=record.budget_pico, expires_at=record.expires_at)
 
 
 class Authenticator:
@@ -90,7 +120,10 @@ class Authenticator:
         self._reserved: dict[str, int] = {}  # key id -> estimated cost of calls in flight
         self._spend_read: dict[str, float] = {}  # key id -> when the store's spend was read
         self._spend = spend
+        self._store_down_until = -1.0   # monotonic; no lookups before it
         self.lookups = 0
+        self.store_errors = 0
+        self.stale_hits = 0
         # Open (no auth) only when there is no key anywhere; app.py also turns auth on
         # when the store holds an active key at start-up (``require_keys``).
         self.enabled = bool(self._keys)
@@ -128,8 +161,18 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             return hit[1]
         assert self.store is not None
+        if now < self._store_down_until:
+            return self._stale(d, hit, now)
         self.lookups += 1
-        record = await self.store.get_by_hash(d.hex())
+        try:
+            record = await self.store.get_by_hash(d.hex())
+        except Exception as exc:
+            if not store_unavailable(self.store, exc):
+                raise
+            self.store_errors += 1
+            now = time.monotonic()
+            self._store_down_until = now + STORE_RETRY_S
+            return self._stale(d, hit, now)
         info: KeyInfo | None = None
         spent = 0
         if record is not None and hmac.compare_digest(record.key_hash, d.hex()):
@@ -146,6 +189,19 @@ class Authenticator:
             self._spend_read[info.id] = now
         return info
 
+    def _stale(self, d: bytes, hit: tuple[float, KeyInfo | None, int] | None,
+               now: float) -> KeyInfo:
+        """The store is down: a key accepted before goes on (its entry is kept for
+        another TTL); anything else is unknown for now."""
+        info = hit[1] if hit is not None else None
+        if hit is not None and info is not None and \
+                (info.expires_at is None or info.expires_at > time.time()):
+            self._cache[d] = (now + KEY_CACHE_TTL_S, info, hit[2])
+            self._cache.move_to_end(d)
+            self.stale_hits += 1
+            return info
+        raise KeyStoreUnavailable(headers=[("retry-after", "1")])
+
     def forget(self, key_hash_hex: str) -> None:
         """Drop a cached lookup at once (this worker's own admin changes)."""
         self._cache.pop(bytes.fromhex(key_hash_hex), None)
@@ -158,7 +214,13 @@ class Authenticator:
         if self._spend is not None and now - self._spend_read.get(key.id, -KEY_CACHE_TTL_S) \
                 >= KEY_CACHE_TTL_S:
             self._spend_read[key.id] = now
-            recorded = await self._spend(key.id)
+            try:
+                recorded = await self._spend(key.id)
+            except Exception as exc:
+                if not store_unavailable(self.store, exc):
+                    raise
+                self.store_errors += 1
+                recorded = 0  # the store is down: what this worker knows will do
             self._spent[key.id] = max(self._spent.get(key.id, 0), recorded)
         if self._spent.get(key.id, 0) >= key.budget_pico:
             raise InsufficientQuota("This key has used up its budget. Ask the gateway's "
@@ -189,7 +251,9 @@ class Authenticator:
             self._spent[key.id] = self._spent.get(key.id, 0) + cost_pico
 
     def statistics(self) -> dict[str, int]:
-        return {"key_cache_entries": len(self._cache), "key_store_lookups_total": self.lookups}
+        return {"key_cache_entries": len(self._cache), "key_store_lookups_total": self.lookups,
+                "key_store_errors_total": self.store_errors,
+                "key_stale_hits_total": self.stale_hits}
 
 
 def _bearer(value: bytes) -> bytes | None:

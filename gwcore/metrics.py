@@ -2,11 +2,17 @@
 
 Labels are bounded by construction: ``model`` is only recorded for requests that were
 routed (a client's made-up model name gets the 404 and the label ``""``), ``endpoint``
-is one of the gateway's own paths, and deployments are the configured ones.
+is one of the gateway's own paths, and deployments are the configured ones.  ``error``
+is the error code, which for an upstream's 4xx is the upstream's own (any string):
+codes that are not plain identifiers become ``invalid``, and past ``MAX_ERROR_LABELS``
+distinct codes new ones become ``other``.  ``model`` is bounded the same way
+(``MAX_MODEL_LABELS``): names routed by prefix (``gpt-*``, ``claude-*``) are any name
+a client sends.  Every label value is escaped.
 """
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +20,12 @@ from typing import Any
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
            30.0, 60.0, 120.0, 300.0)
 _STATE = {"closed": 0, "half_open": 1, "open": 2}
+# Far more than the gateway's own codes (a few dozen) and the ones upstreams use.
+MAX_ERROR_LABELS = 100
+# Far more than any deployment routes; a client sending "gpt-<random>" is routed by
+# prefix (and gets the upstream's 404), and must not add a series per request.
+MAX_MODEL_LABELS = 1000
+_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
 
 
 class Histogram:
@@ -39,11 +51,32 @@ class Metrics:
         self.ttft: dict[str, Histogram] = {}
         self.sources: list[Callable[[], dict[str, Any]]] = []
         self.health: Callable[[float], list[tuple[str, str, Any]]] | None = None
+        self.error_labels: set[str] = set()
+        self.model_labels: set[str] = set()
+
+    def _model_label(self, model: str) -> str:
+        if model in self.model_labels:
+            return model
+        if len(self.model_labels) >= MAX_MODEL_LABELS:
+            return "other"
+        self.model_labels.add(model)
+        return model
+
+    def _error_label(self, error: str) -> str:
+        if error in self.error_labels:
+            return error
+        if not _ERROR_CODE.match(error):
+            return "invalid"
+        if len(self.error_labels) >= MAX_ERROR_LABELS:
+            return "other"
+        self.error_labels.add(error)
+        return error
 
     def record(self, endpoint: str, model: str, provider: str, status: int, error: str,
                latency_s: float, ttft_s: float | None, prompt: int, completion: int,
                cost_pico: int | None = None) -> None:
-        key = (endpoint, model, provider, status, error)
+        model = self._model_label(model)
+        key = (endpoint, model, provider, status, self._error_label(error))
         self.requests[key] = self.requests.get(key, 0) + 1
         h = self.latency.get(endpoint)
         if h is None:
@@ -67,17 +100,17 @@ class Metrics:
         out += ["# HELP gateway_requests_total Requests by endpoint, model, provider, status.",
                 "# TYPE gateway_requests_total counter"]
         for (ep, model, prov, status, err), n in sorted(self.requests.items()):
-            out.append(f'gateway_requests_total{{endpoint="{ep}",model="{_esc(model)}",'
-                       f'provider="{prov}",status="{status}",error="{err}"}} {n}')
+            out.append(f'gateway_requests_total{{endpoint="{_esc(ep)}",model="{_esc(model)}",'
+                       f'provider="{_esc(prov)}",status="{status}",error="{_esc(err)}"}} {n}')
         out += ["# HELP gateway_tokens_total Tokens by model, provider and kind.",
                 "# TYPE gateway_tokens_total counter"]
         for (model, prov, kind), n in sorted(self.tokens.items()):
-            out.append(f'gateway_tokens_total{{model="{_esc(model)}",provider="{prov}",'
+            out.append(f'gateway_tokens_total{{model="{_esc(model)}",provider="{_esc(prov)}",'
                        f'kind="{kind}"}} {n}')
         out += ["# HELP gateway_cost_usd_total Spend by model and provider, in USD.",
                 "# TYPE gateway_cost_usd_total counter"]
         for (model, prov), pico in sorted(self.cost_pico.items()):
-            out.append(f'gateway_cost_usd_total{{model="{_esc(model)}",provider="{prov}"}} '
+            out.append(f'gateway_cost_usd_total{{model="{_esc(model)}",provider="{_esc(prov)}"}} '
                        f'{pico / 10**12:.12f}')
         for name, hists, what in (("gateway_request_duration_seconds", self.latency,
                                    "Time from request to the end of the response."),

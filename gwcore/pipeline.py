@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 import trio
 
@@ -108,6 +109,9 @@ class Attempt:
     passthrough: bool  # the upstream speaks the client's API: no translation
 
 
+Prime = Callable[[Attempt, AsyncExitStack], Awaitable[None]]
+
+
 class _Failure(Exception):
     def __init__(self, error: GatewayError, retryable: bool) -> None:
         self.error = error
@@ -151,8 +155,14 @@ class Pipeline:
         return True
 
     async def _attempt(self, call: Call, route: Route, out: Outcome,
-                       stack: AsyncExitStack) -> Attempt:
-        """The first try that gets a 200 head; its response stays open in ``stack``."""
+                       stack: AsyncExitStack, prime: "Prime | None" = None) -> Attempt:
+        """The first try that gets a 200 head (and that ``prime``, which reads the start
+        of the answer, accepts); its response stays open in ``stack``.
+
+        ``prime`` runs inside the try: a body that breaks off, stalls, is not valid or
+        is empty after a 200 head fails that try like a 502 would, so it is retried
+        and failed over while nothing has reached the client yet.
+        """
         last: GatewayError | None = None
         tries = 0
         for r in self._chain(route):
@@ -168,7 +178,7 @@ class Pipeline:
                 tries += 1
                 tried.add(index)
                 try:
-                    return await self._try(call, r, index, out, stack)
+                    return await self._try(call, r, index, out, stack, prime)
                 except _Failure as failure:
                     last = failure.error
                     if failure.retryable:
@@ -182,13 +192,13 @@ class Pipeline:
             index = self.router.last_resort(route, set())
             if index is not None:
                 try:
-                    return await self._try(call, route, index, out, stack)
+                    return await self._try(call, route, index, out, stack, prime)
                 except _Failure as failure:
                     last = failure.error
         raise last or UpstreamUnavailable()
 
     async def _try(self, call: Call, r: Route, index: int, out: Outcome,
-                   stack: AsyncExitStack) -> Attempt:
+                   stack: AsyncExitStack, prime: "Prime | None" = None) -> Attempt:
         dep = r.deployments[index]
         out.attempts += 1
         out.provider, out.upstream_model = dep.provider, dep.model
@@ -211,9 +221,13 @@ class Pipeline:
                 raise UpstreamTimeout()
             status = resp.status
             if status == 200:
+                a = Attempt(resp, ureq, dep, r, health, passthrough)
+                if prime is not None:
+                    status = 0  # a failure from here on is the upstream's (retryable)
+                    await prime(a, attempt)
                 self.router.succeeded(health, r)
                 stack.push_async_exit(attempt.pop_all())
-                return Attempt(resp, ureq, dep, r, health, passthrough)
+                return a
             data = None
             with trio.move_on_after(timeout_s):
                 data = await resp.read()
@@ -250,27 +264,41 @@ class Pipeline:
     async def forward(self, call: Call, route: Route,
                       out: Outcome) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         """A whole answer in the client's API format, and the headers to add."""
-        async with AsyncExitStack() as stack:
-            a = await self._attempt(call, route, out, stack)
+        answer: list[Any] = []
+
+        async def prime(a: Attempt, _: AsyncExitStack) -> None:
             timeout_s = clamp_timeout(a.dep.timeout_s or a.route.timeout_s, call.timeout_hint)
             data = None
             with trio.move_on_after(timeout_s):
                 data = await a.resp.read()
             if data is None:
                 raise UpstreamTimeout()
+            answer.append(self._parse(call, a, data, out))
+
+        async with AsyncExitStack() as stack:
+            a = await self._attempt(call, route, out, stack, prime)
+        return answer[0], _gateway_headers(a.dep)
+
+    def _parse(self, call: Call, a: Attempt, data: bytes, out: Outcome) -> bytes | Any:
+        """The upstream's 200 answer in the client's API; UpstreamError when it is not
+        a valid answer (an HTML error page with a 200, a truncated body)."""
         adapter = registry.adapter(a.dep.provider)
         if call.kind == "responses":
             out.usage = responses_usage(data)
-            return data, _gateway_headers(a.dep)
+            _check_json_object(data)
+            return data
         if a.passthrough:
-            out.usage = (openai_usage(data) if a.dep.provider in registry.OPENAI_FAMILY
-                         else adapter.usage_of(data))
-            return data, _gateway_headers(a.dep)
+            if a.dep.provider in registry.OPENAI_FAMILY:
+                out.usage = openai_usage(data)
+                _check_json_object(data)
+            else:
+                out.usage = adapter.usage_of(data)
+                _check_json_object(data)
+            return data
         hub, out.usage = adapter.parse_chat(data, a.dep.model, int(time.time()))
         if call.api == "anthropic":
-            return registry.adapter("anthropic").openai_to_ingress(hub, call.body.get("model")), \
-                _gateway_headers(a.dep)
-        return hub, _gateway_headers(a.dep)
+            return registry.adapter("anthropic").openai_to_ingress(hub, call.body.get("model"))
+        return hub
 
     # -- streaming ----------------------------------------------------------------
     async def stream(self, call: Call, route: Route, responder: Any, out: Outcome,
@@ -297,30 +325,40 @@ class Pipeline:
                     await commit([])
                     await responder.send_chunk(PING)
 
-        parser = native.SSEParser()
+        parser: Any = None
         relay: _Relay | None = None
         first: list[bytes] = []
+        chunks: AsyncIterator[bytes] | None = None
+
+        async def prime(a: Attempt, attempt: AsyncExitStack) -> None:
+            """Read up to the first event; an upstream that breaks off, sends garbage or
+            ends before any event fails this try (and is retried or failed over)."""
+            nonlocal parser, relay, chunks
+            parser = native.SSEParser()
+            relay = _Relay(call, a, observe)
+            first.clear()
+            chunks = a.resp.chunks()
+            attempt.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
+            try:
+                async for chunk in chunks:
+                    first.append(relay.feed(parser.feed(chunk)))
+                    if relay.events:
+                        return
+            except SSEError as exc:
+                raise UpstreamError(f"The upstream sent a malformed stream: {exc}") from exc
+            raise UpstreamError("The upstream ended the stream without sending an event.")
+
         async with AsyncExitStack() as stack:
             a: Attempt | None = None
-            chunks: AsyncIterator[bytes] | None = None
             error: GatewayError | None = None
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
                 if self.stream_keepalive_s > 0:
                     nursery.start_soon(pinger)
                 try:
-                    a = await self._attempt(call, route, out, stack)
-                    relay = _Relay(call, a, observe)
-                    chunks = a.resp.chunks()
-                    stack.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
-                    async for chunk in chunks:
-                        first.append(relay.feed(parser.feed(chunk)))
-                        if relay.events:
-                            break
+                    a = await self._attempt(call, route, out, stack, prime)
                 except GatewayError as exc:
                     error = exc
-                except SSEError as exc:
-                    error = UpstreamError(f"The upstream sent a malformed stream: {exc}")
                 nursery.cancel_scope.cancel()
             if error is not None and not committed:
                 raise error
@@ -496,6 +534,28 @@ def _is_context_window(error: GatewayError) -> bool:
     text = f"{error.code} {error.message}".lower()
     return error.status == 400 and ("context_length" in text or "context window" in text
                                     or "too many tokens" in text or "prompt is too long" in text)
+
+
+def _check_json_object(data: bytes) -> None:
+    if not data.lstrip()[:1] == b"{" or not _valid_json(data):
+        raise UpstreamError("The upstream answered 200 with a body that is not a JSON object.")
+
+
+def _valid_json(data: bytes) -> bool:
+    try:
+        _json_check.decode(data)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+# Decodes nothing into Python objects (an empty struct ignores every field) but still
+# checks the whole text is well-formed JSON: a cheap validity check for passthrough.
+class _Anything(msgspec.Struct):
+    pass
+
+
+_json_check = msgspec.json.Decoder(_Anything)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from gwcore.accounting import PICO
+from gwcore.auth import store_unavailable
 from gwcore.errors import GatewayError, InvalidRequest, NotFound
 from gwcore.keys import changes_of, new_key, parse_params, show
 from gwcore.pipeline import Outcome
@@ -27,6 +28,15 @@ class AdminOnly(GatewayError):
     message = "This route needs the gateway's master key."
 
 
+class StoreUnavailable(GatewayError):
+    """The key or usage store did not answer (the database is down): 503, not a 500."""
+    status = 503
+    type = "api_error"
+    code = "upstream_unavailable"
+    anthropic_type = "overloaded_error"
+    message = "The key store (the database) cannot be reached right now. Retry shortly."
+
+
 class StoreMissing(GatewayError):
     status = 501
     type = "api_error"
@@ -41,6 +51,19 @@ async def handle(gw: "Gateway", request: Request, responder: Responder, out: Out
     out.extra["key"] = key.name
     if not key.is_master:
         raise AdminOnly()
+    try:
+        await _dispatch(gw, request, responder, headers)
+    except GatewayError:
+        raise
+    except Exception as exc:
+        store = gw.key_store if request.path.startswith("/admin/keys") else gw.audit
+        if store_unavailable(store, exc):
+            raise StoreUnavailable(headers=[("retry-after", "1")]) from exc
+        raise
+
+
+async def _dispatch(gw: "Gateway", request: Request, responder: Responder,
+                    headers: list[tuple[bytes, bytes]]) -> None:
     store = gw.key_store
     parts = request.path.rstrip("/").split("/")  # ["", "admin", "keys", id?]
     if parts[2:3] == ["usage"] and len(parts) == 3 and request.method == "GET":

@@ -1,6 +1,7 @@
 """The gateway's request handler: (method, path) -> endpoint, errors, access log."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -19,7 +20,11 @@ from gwcore.ports import AuditRecord, AuditSink, KeyStore
 from gwcore.ratelimit import RateLimiter
 from gwcore.server.connection import Request, Responder
 
+log = logging.getLogger("gwcore.api")
+
 JSON = [(b"content-type", b"application/json")]
+# Errors on these paths are in Anthropic's format; every other path's in OpenAI's.
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/messages"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, bytes]]],
@@ -83,9 +88,19 @@ class Gateway:
         except GatewayError as exc:
             out.error_code = exc.code
             if not responder.started:
-                body = (exc.anthropic_body() if request.path.endswith("/messages")
+                body = (exc.anthropic_body() if request.path in ANTHROPIC_PATHS
                         else exc.openai_body())
                 await responder.send(exc.status, headers + JSON + _encode(exc.headers), body)
+        except Exception:
+            # A bug of ours: answered (and logged, audited) as the 500 it is, here,
+            # rather than by the server after this request's record said 499.
+            log.exception("handler failed on %s %s", request.method, request.path)
+            out.error_code = "internal_error"
+            if not responder.started:
+                exc = GatewayError("Internal error in the gateway.")
+                body = (exc.anthropic_body() if request.path in ANTHROPIC_PATHS
+                        else exc.openai_body())
+                await responder.send(500, headers + JSON + [(b"connection", b"close")], body)
         finally:
             if request.path not in ("/healthz", "/readyz", "/metrics"):
                 self._log(request, responder, out, rid)

@@ -33,6 +33,7 @@ import functools
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -146,22 +147,51 @@ def spend(records: Iterable[AuditRecord]) -> dict[str, int]:
     return out
 
 
-class NameCache:
-    """(kind, name) -> id, filled from the names table.  Updated only after the
-    transaction that inserted a name committed, so it never holds a rolled-back id."""
+# Names held in memory by each store: far more than a deployment's model names, error
+# codes and endpoints; it is a bound because requested model names (404s included) and
+# upstream error codes come from outside, and a client inventing names must not grow
+# the gateway's memory without end.  A name that fell out is looked up again.
+MAX_CACHED_NAMES = 20_000
 
-    def __init__(self) -> None:
-        self.ids: dict[tuple[int, str], int] = {}
-        self.names: dict[int, str] = {}
+
+class NameCache:
+    """(kind, name) -> id, filled from the names table; least recently used out past
+    ``max_entries``.  Updated only after the transaction that inserted a name
+    committed, so it never holds a rolled-back id."""
+
+    def __init__(self, max_entries: int = MAX_CACHED_NAMES) -> None:
+        self.ids: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self.max_entries = max_entries
+
+    def split(self, records: Iterable[AuditRecord]
+              ) -> tuple[dict[tuple[int, str], int], set[tuple[int, str]]]:
+        """For one batch: the ids known here (a copy of just this batch's names, so a
+        later eviction cannot take one away mid-write) and the names to look up."""
+        ids = self.ids
+        known: dict[tuple[int, str], int] = {}
+        missing: set[tuple[int, str]] = set()
+        for r in records:
+            for n in names_of(r):
+                if n in known or n in missing:
+                    continue
+                i = ids.get(n)
+                if i is None:
+                    missing.add(n)
+                else:
+                    known[n] = i
+                    ids.move_to_end(n)
+        return known, missing
 
     def missing(self, records: Iterable[AuditRecord]) -> set[tuple[int, str]]:
-        ids = self.ids
-        return {n for r in records for n in names_of(r) if n not in ids}
+        return self.split(records)[1]
 
     def update(self, found: dict[tuple[int, str], int]) -> None:
-        self.ids.update(found)
-        for (_, name), i in found.items():
-            self.names[i] = name
+        ids = self.ids
+        for n, i in found.items():
+            ids[n] = i
+            ids.move_to_end(n)
+        while len(ids) > self.max_entries:
+            ids.popitem(last=False)
 
 
 # ---------------------------------------------------------------------------- migrations

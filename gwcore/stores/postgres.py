@@ -194,7 +194,9 @@ class PostgresStore(SQLStoreBase):
         finally:
             if not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
-        rows = conn.execute("SELECT id, kind, name FROM names").fetchall()
+        rows = conn.execute("SELECT id, kind, name FROM names ORDER BY id DESC LIMIT %s",
+                            (self._names.max_entries,)).fetchall()
+        rows.reverse()  # the newest names are the most recently used
         with self._names_lock:
             self._names.update({(k, n): i for i, k, n in rows})
         self._days = set(self._partitions_sync(conn))
@@ -297,8 +299,10 @@ class PostgresStore(SQLStoreBase):
                                " ON CONFLICT (id) DO NOTHING", (uuid.UUID(batch.id), len(records)))
             if cur.rowcount == 0:
                 return False
-            found = self._resolve_names(conn, records)
-            ids = self._names.ids if not found else {**self._names.ids, **found}
+            with self._names_lock:
+                known, missing = self._names.split(records)
+            found = self._resolve_names(conn, missing)
+            ids = {**known, **found} if found else known
             with cur.copy(f"COPY audit_log ({_AUDIT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(_AUDIT_TYPES)
                 for r in records:
@@ -315,9 +319,8 @@ class PostgresStore(SQLStoreBase):
         return True
 
     def _resolve_names(self, conn: psycopg.Connection[Any],
-                       records: list[AuditRecord]) -> dict[tuple[int, str], int]:
-        with self._names_lock:
-            missing = sorted(self._names.missing(records))
+                       wanted: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+        missing = sorted(wanted)
         if not missing:
             return {}
         kinds = [k for k, _ in missing]

@@ -167,7 +167,10 @@ class SQLiteStore(SQLStoreBase):
         return applied
 
     def _load_names(self, conn: sqlite3.Connection) -> None:
-        self._names.update({(k, n): i for i, k, n in conn.execute("SELECT id, kind, name FROM names")})
+        rows = conn.execute("SELECT id, kind, name FROM names ORDER BY id DESC LIMIT ?",
+                            (self._names.max_entries,)).fetchall()
+        rows.reverse()  # the newest names are the most recently used
+        self._names.update({(k, n): i for i, k, n in rows})
 
     # -- KeyStore
 
@@ -254,8 +257,9 @@ class SQLiteStore(SQLStoreBase):
             if cur.rowcount == 0:
                 conn.execute("ROLLBACK")
                 return False
-            found = self._resolve_names(conn, records)
-            ids = self._names.ids if not found else {**self._names.ids, **found}
+            known, missing = self._names.split(records)
+            found = self._resolve_names(conn, missing)
+            ids = {**known, **found} if found else known
             conn.executemany(_INSERT_AUDIT, [_audit_row(r, ids) for r in records])
             conn.executemany(_UPSERT_USAGE, [
                 (day.isoformat(), key, ids[(MODEL, model)] if model else 0, u.requests,
@@ -272,8 +276,7 @@ class SQLiteStore(SQLStoreBase):
         return True
 
     def _resolve_names(self, conn: sqlite3.Connection,
-                       records: list[AuditRecord]) -> dict[tuple[int, str], int]:
-        missing = self._names.missing(records)
+                       missing: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
         found = {}
         for kind, name in missing:
             conn.execute("INSERT OR IGNORE INTO names (kind, name) VALUES (?, ?)", (kind, name))

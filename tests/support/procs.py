@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -37,19 +38,25 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def start_gateway(*args: str, env: dict[str, str] | None = None,
-                  cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """``gwcore serve`` on a free port; returns once /healthz answers."""
+                  cwd: Path | None = None, stdout: Any = subprocess.PIPE,
+                  stderr: Any = subprocess.PIPE) -> tuple[subprocess.Popen[bytes], int]:
+    """``gwcore serve`` on a free port; returns once /healthz answers.
+
+    ``stdout``/``stderr`` are passed to Popen: pipes by default; a file for a gateway
+    that logs more than a pipe holds (64 KiB) before the test reads it, since a full
+    pipe blocks the gateway's writes."""
     port = free_port()
     # A scratch working directory: the gateway's data/ (SQLite, spool) goes there.
     cwd = cwd or Path(tempfile.mkdtemp(prefix="gwcore-test-"))
     proc = subprocess.Popen([sys.executable, "-m", "gwcore", "serve", "--port", str(port), *args],
                             env=_env(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=stdout, stderr=stderr)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise RuntimeError(f"gateway exited with {proc.returncode}: {err.decode()}")
+            raise RuntimeError(f"gateway exited with {proc.returncode}: "
+                               f"{err.decode() if err else '(stderr not captured)'}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc, port
