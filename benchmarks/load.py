@@ -102,12 +102,12 @@ class TtfbRun:
 # -- the request --------------------------------------------------------------
 
 
-def chat_body(stream: bool) -> bytes:
+def chat_body(stream: bool, model: str = MODEL) -> bytes:
     """A chat request of REQUEST_BYTES bytes (the user message is padded to fit)."""
 
     def build(content: str) -> bytes:
         body: dict[str, object] = {
-            "model": MODEL,
+            "model": model,
             "messages": [
                 {"role": "system", "content": "You are a concise assistant answering a load test."},
                 {"role": "user", "content": content},

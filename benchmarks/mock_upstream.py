@@ -2,12 +2,18 @@
 """Run a mock upstream standalone (the benchmark upstream): OpenAI by default.
 
     python benchmarks/mock_upstream.py --port 9100 [--provider openai|anthropic|google]
-        [--latency-ms X] [--tokens-per-s N] [--reply-words N]
+        [--latency-ms X] [--first-byte-ms X] [--tokens-per-s N] [--reply-words N]
+        [--impl fast|trio]
 
 Prints one line, `mock upstream listening on http://HOST:PORT/v1`, once it accepts
 connections (with `--port 0` that line tells the port it picked), then serves until
 SIGTERM or SIGINT. Requests are not recorded (no memory growth under load) unless
 `--record` is given.
+
+Two implementations of the same wire format: `fast` (the default for OpenAI:
+`benchmarks/fast_upstream.py`, stdlib asyncio, precomputed answers, several times the
+rate of the other) and `trio` (`tests/support/mock_*.py`, trio + h11, the mocks the tests
+use; the only one for Anthropic and Google, and for `--record`).
 """
 
 from __future__ import annotations
@@ -45,8 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first-byte-ms", type=float, default=0.0, help="delay before every response head")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="streaming pace; 0 = as fast as possible")
     parser.add_argument("--reply-words", type=int, default=None, help="reply length in words (default: the 9-word reply)")
-    parser.add_argument("--record", action="store_true", help="keep every request in memory")
-    return parser.parse_args(argv)
+    parser.add_argument("--record", action="store_true", help="keep every request in memory (trio only)")
+    parser.add_argument("--impl", choices=["fast", "trio"], default=None,
+                        help="fast (asyncio; default for openai) or trio (h11; the tests' mocks)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="fast: the event loop (auto: uvloop when installed, else asyncio)")
+    args = parser.parse_args(argv)
+    if args.impl is None:
+        args.impl = "fast" if args.provider == "openai" and not args.record else "trio"
+    if args.impl == "fast" and (args.provider != "openai" or args.record):
+        parser.error("--impl fast speaks OpenAI only and does not record; use --impl trio")
+    return args
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -67,7 +82,17 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    trio.run(run, parse_args(argv))
+    args = parse_args(argv)
+    if args.impl == "fast":
+        from benchmarks.fast_upstream import Knobs
+        from benchmarks.fast_upstream import run as run_fast
+
+        knobs = Knobs(latency_s=args.latency_ms / 1000, first_byte_s=args.first_byte_ms / 1000,
+                      tokens_per_s=args.tokens_per_s, reply_words=args.reply_words)
+        run_fast(args.host, args.port, knobs,
+                 lambda url: print(f"mock upstream listening on {url}", flush=True), args.loop)
+        return 0
+    trio.run(run, args)
     return 0
 
 

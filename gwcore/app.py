@@ -59,7 +59,8 @@ class App:
                               header_timeout_s=s.header_timeout_s,
                               body_timeout_s=s.body_timeout_s,
                               keepalive_timeout_s=s.keepalive_timeout_s)
-        async with Upstreams() as upstreams, open_sql_store(cfg) as store, \
+        async with Upstreams(max_connections=s.upstream_max_connections,
+                             keepalive=s.upstream_max_idle) as upstreams, open_sql_store(cfg) as store, \
                 maybe_open_redis(cfg.redis_url) as redis:
             router = Router(cfg)
             pipeline = Pipeline(router, upstreams, stream_keepalive_s=s.stream_keepalive_s)

@@ -176,6 +176,7 @@ def _serve(cfg: Any, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gwcore: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    raise_nofile_limit()
     try:
         trio.run(run_until_signal, app)
     except OSError as exc:
@@ -183,6 +184,23 @@ def _serve(cfg: Any, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def raise_nofile_limit() -> int:
+    """Lift the soft open-file limit to the hard one: every client connection and every
+    open upstream stream is a descriptor, and the usual soft default (1024) would cap a
+    worker far below ``server.max_connections``.  Returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # a container may forbid it
+            print(f"gwcore: keeping the open-file limit at {soft}: {exc}", file=sys.stderr)
+    return soft
 
 
 def _version() -> int:

@@ -170,6 +170,11 @@ class ServerConfig(_Base):
     # do (HTTP/2).  Egress proxies (HTTP(S)_PROXY) are honoured either way: a proxied
     # origin goes through httpx.
     upstream_transport: Literal["native", "httpx"] = "native"
+    # Open connections per upstream origin (each open stream holds one); a request
+    # beyond it waits, within its connect timeout, for one to come back.
+    upstream_max_connections: int = 10_000
+    # Idle keep-alive connections kept per upstream origin.
+    upstream_max_idle: int = 256
 
 
 class StorageConfig(_Base):
@@ -433,7 +438,8 @@ def _post_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"server.port: expected 0..65535, got {s.port}")
     if s.workers < 1:
         errors.append(f"server.workers: expected at least 1, got {s.workers}")
-    for field in ("max_header_bytes", "max_body_bytes", "max_connections"):
+    for field in ("max_header_bytes", "max_body_bytes", "max_connections",
+                  "upstream_max_connections"):
         if getattr(s, field) <= 0:
             errors.append(f"server.{field}: expected a positive number")
     for field in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s",

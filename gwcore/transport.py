@@ -169,6 +169,10 @@ class OriginPool:
                         self.waiters.unpark()
                         raise
                 await self.waiters.park()
+        if self.open >= self.max_connections:
+            raise UpstreamUnavailable(
+                f"All {self.max_connections} connections to the upstream stayed busy "
+                "for the connect timeout (server.upstream_max_connections).")
         raise UpstreamUnavailable("Connecting to the upstream timed out.")
 
     async def _connect(self) -> Conn:

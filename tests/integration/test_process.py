@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -201,3 +204,33 @@ def test_migrate_creates_the_schema_once(tmp_path):
     assert (tmp_path / "data" / "gateway.db").is_file()
     bad = gwcore("migrate", cwd=tmp_path, env={"DATABASE_URL": "postgresql://127.0.0.1:1/x"})
     assert bad.returncode == 1 and "migration failed" in bad.stderr
+
+
+def test_the_gateway_lifts_its_open_file_limit_to_the_hard_limit() -> None:
+    """Each client connection and open upstream stream is a descriptor: a worker
+    started with the common soft limit (1024) raises it itself."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > 1024, "this machine's hard limit leaves nothing to check"
+    cmd = ["prlimit", f"--nofile=1024:{hard}", sys.executable, "-m", "gwcore", "serve",
+           "--demo", "--port", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=tempfile.mkdtemp(prefix="gwcore-test-"))
+    try:
+        deadline = time.monotonic() + 20
+        limit = None
+        while time.monotonic() < deadline and child.poll() is None:
+            with open(f"/proc/{child.pid}/limits") as f:
+                lines = f.read().splitlines()
+            for line in lines:
+                if line.startswith("Max open files"):
+                    limit = int(line.split()[3])
+            if limit == hard:
+                break
+            time.sleep(0.1)
+        assert limit == hard
+    finally:
+        child.terminate()
+        child.wait(10)
