@@ -21,6 +21,7 @@ from gwcore.providers import mock
 from gwcore.providers.openai import StreamAssembler, completion_to_events
 from gwcore.server.connection import Request, Responder
 from gwcore.wire import Usage
+from gwnative.errors import CacheKeyError
 
 if TYPE_CHECKING:
     from gwcore.api.routes import Gateway
@@ -137,7 +138,11 @@ async def _answer(gw: "Gateway", request: Request, responder: Responder, out: Ou
     store = False
     if cache.enabled and call.api == "openai" and call.kind in ("chat", "embeddings"):
         no_cache, no_store = directives(request.header(b"cache-control"))
-        ckey = cache.key(call.kind, request.body, key.id)
+        try:
+            ckey = cache.key(call.kind, request.body, key.id)
+        except CacheKeyError as exc:  # e.g. nested deeper than the key function allows
+            raise InvalidRequest(f"The request body cannot be used: {exc}.",
+                                 code="invalid_json") from exc
         store = not no_store
         hit = None if no_cache else await cache.get(ckey, trio.current_time())
         if hit is not None:

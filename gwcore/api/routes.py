@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from gwcore.accesslog import AccessLog
 from gwcore.accounting import PICO, PriceTable
 from gwcore.auth import Authenticator
@@ -91,6 +93,8 @@ class Gateway:
                 body = (exc.anthropic_body() if request.path in ANTHROPIC_PATHS
                         else exc.openai_body())
                 await responder.send(exc.status, headers + JSON + _encode(exc.headers), body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client went away or stopped reading: not a bug of ours
         except Exception:
             # A bug of ours: answered (and logged, audited) as the 500 it is, here,
             # rather than by the server after this request's record said 499.
@@ -169,11 +173,12 @@ def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 
 def render_protocol_error(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The body for errors the server itself raises (400/413/431/500/501) in OpenAI format."""
+    codes = {431: "request_header_fields_too_large", 501: "unsupported_transfer_coding",
+             505: "http_version_not_supported"}
     if status == 413:
         exc: GatewayError = RequestTooLarge(message)
-    elif status >= 500:
+    elif status >= 500 and status not in codes:
         exc = GatewayError(message)
-    else:
-        exc = InvalidRequest(message, code="request_header_fields_too_large" if status == 431
-                             else "invalid_http_request")
+    else:  # the client's request, 501 and 505 included: not a fault of the gateway
+        exc = InvalidRequest(message, code=codes.get(status, "invalid_http_request"))
     return JSON, exc.openai_body()

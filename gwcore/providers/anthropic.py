@@ -32,7 +32,8 @@ import orjson
 from gwcore.config import Deployment
 from gwcore.errors import (GatewayError, InvalidRequest, UpstreamError, UpstreamStatus,
                            UpstreamUnavailable)
-from gwcore.providers.base import SSEEventLike, UpstreamRequest
+from gwcore.providers.base import (SSEEventLike, UpstreamRequest, count, reads_upstream,
+                                   request_json)
 from gwcore.providers.openai import join_url
 from gwcore.wire import Usage
 from gwnative import encode_event
@@ -174,7 +175,7 @@ def build_chat(body: dict[str, Any], dep: Deployment, base_url: str | None,
     if stream:
         out["stream"] = True
     return UpstreamRequest("POST", join_url(base_url or DEFAULT_BASE_URL, "/v1/messages"),
-                           _headers(api_key), orjson.dumps(out), stream=stream)
+                           _headers(api_key), request_json(out), stream=stream)
 
 
 def _is_number(value: Any) -> bool:
@@ -386,14 +387,17 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------
 
 def _usage_from(u: dict[str, Any]) -> Usage:
-    """Anthropic usage (input_tokens excludes the cached parts) as the normalised Usage."""
-    cache_read = u.get("cache_read_input_tokens") or 0
-    cache_write = u.get("cache_creation_input_tokens") or 0
+    """Anthropic usage (input_tokens excludes the cached parts) as the normalised Usage.
+
+    Counts that are not non-negative ints count 0 (``count``): usage feeds accounting.
+    """
+    cache_read = count(u.get("cache_read_input_tokens"))
+    cache_write = count(u.get("cache_creation_input_tokens"))
     details = u.get("output_tokens_details")
-    return Usage(prompt_tokens=(u.get("input_tokens") or 0) + cache_read + cache_write,
-                 completion_tokens=u.get("output_tokens") or 0,
+    return Usage(prompt_tokens=count(u.get("input_tokens")) + cache_read + cache_write,
+                 completion_tokens=count(u.get("output_tokens")),
                  cached_tokens=cache_read,
-                 reasoning_tokens=(details.get("thinking_tokens") or 0)
+                 reasoning_tokens=count(details.get("thinking_tokens"))
                  if isinstance(details, dict) else 0,
                  cache_write_tokens=cache_write)
 
@@ -426,6 +430,7 @@ def _json_object(body: bytes | str, what: str) -> dict[str, Any]:
     return data
 
 
+@reads_upstream("a message")
 def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]:
     """An Anthropic Message as an OpenAI ``chat.completion`` (bytes) and its Usage."""
     msg = _json_object(body, "a message")
@@ -495,6 +500,7 @@ class StreamTranslator:
         self._tool_input: dict[int, Any] = {}  # block index -> start input, until arguments come
         self._started = False
 
+    @reads_upstream("a stream event")
     def feed(self, event: SSEEventLike) -> list[bytes]:
         if not event.data:
             return []
@@ -845,9 +851,9 @@ def _message_id(completion_id: Any) -> str:
 def _ingress_usage(usage: Any) -> dict[str, int]:
     u = usage if isinstance(usage, dict) else {}
     details = u.get("prompt_tokens_details")
-    cached = (details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
-    return {"input_tokens": max(0, (u.get("prompt_tokens") or 0) - cached),
-            "output_tokens": u.get("completion_tokens") or 0,
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return {"input_tokens": max(0, count(u.get("prompt_tokens")) - cached),
+            "output_tokens": count(u.get("completion_tokens")),
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
@@ -862,6 +868,7 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
     return parsed
 
 
+@reads_upstream("a chat completion")
 def openai_to_ingress(completion: bytes, model: str) -> bytes:
     """An OpenAI ``chat.completion`` as an Anthropic Message (bytes).
 
@@ -928,6 +935,7 @@ class IngressStreamTranslator:
         self._open: tuple[str, int] | None = None  # ("text", -1) or ("tool", OpenAI index)
         self._refused = False
 
+    @reads_upstream("a stream chunk")
     def feed(self, data: str) -> list[bytes]:
         if self.done:
             return []
@@ -1014,11 +1022,11 @@ class IngressStreamTranslator:
 def _hub_usage(u: dict[str, Any]) -> Usage:
     details = u.get("prompt_tokens_details")
     out_details = u.get("completion_tokens_details")
-    return Usage(prompt_tokens=u.get("prompt_tokens") or 0,
-                 completion_tokens=u.get("completion_tokens") or 0,
-                 cached_tokens=(details.get("cached_tokens") or 0)
+    return Usage(prompt_tokens=count(u.get("prompt_tokens")),
+                 completion_tokens=count(u.get("completion_tokens")),
+                 cached_tokens=count(details.get("cached_tokens"))
                  if isinstance(details, dict) else 0,
-                 reasoning_tokens=(out_details.get("reasoning_tokens") or 0)
+                 reasoning_tokens=count(out_details.get("reasoning_tokens"))
                  if isinstance(out_details, dict) else 0)
 
 
@@ -1033,7 +1041,7 @@ def build_passthrough(body: dict[str, Any], dep: Deployment, base_url: str | Non
     out = dict(body)
     out["model"] = dep.model
     return UpstreamRequest("POST", join_url(base_url or DEFAULT_BASE_URL, "/v1/messages"),
-                           _headers(api_key), orjson.dumps(out),
+                           _headers(api_key), request_json(out),
                            stream=out.get("stream") is True)
 
 

@@ -7,12 +7,70 @@ Anthropic ``/v1/messages`` endpoint) translate the other way around the hub.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from gwcore.config import Deployment
-from gwcore.errors import GatewayError
+from gwcore.errors import GatewayError, InvalidRequest, UpstreamError
 from gwcore.wire import Usage
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def request_json(body: Any) -> bytes:
+    """An upstream request body as JSON, or a 400 when it cannot be written.
+
+    The gateway parses requests with orjson, which reads JSON nested up to 1024 levels
+    but writes at most 254 (``orjson.JSONEncodeError``, a TypeError): a request nested
+    deeper than that cannot be sent on, and it is the client's to fix.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(f"The request cannot be sent on as JSON ({exc}); JSON nested "
+                             "more than 254 levels deep is not accepted.",
+                             code="invalid_value") from exc
+
+
+def count(value: Any) -> int:
+    """A token count from an upstream's usage: a non-negative int, else 0.
+
+    Usage feeds the accounting's arithmetic, so a string or a float in it would fail
+    far from here (after the answer was sent); an upstream's nonsense counts nothing.
+    """
+    return value if type(value) is int and value >= 0 else 0
+
+
+# What reading an answer of an unexpected shape raises: a string where an object
+# belongs (AttributeError, TypeError), a list where a key goes (TypeError: unhashable),
+# a missing element (KeyError, IndexError), JSON too deep to write back (TypeError) ...
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
+
+
+def reads_upstream(what: str) -> Callable[[F], F]:
+    """Decorator for translators of upstream answers (parsers, stream translators).
+
+    An answer they cannot read raises ``UpstreamError`` (502, or a final SSE error
+    event mid-stream) naming ``what``, with the original exception as its cause, instead
+    of the bare TypeError or KeyError a 500, or a stream silently cut short, would come
+    from.  GatewayErrors raised on purpose pass through unchanged.
+    """
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GatewayError:
+                raise
+            except _SHAPE_ERRORS as exc:
+                raise UpstreamError(f"The upstream sent {what} the gateway cannot read "
+                                    f"({type(exc).__name__}).") from exc
+        return guarded  # type: ignore[return-value]
+    return decorate
 
 
 @dataclass(slots=True)

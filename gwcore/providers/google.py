@@ -110,7 +110,7 @@ import orjson
 
 from gwcore.config import Deployment
 from gwcore.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamStatus
-from gwcore.providers.base import SSEEventLike, UpstreamRequest
+from gwcore.providers.base import SSEEventLike, UpstreamRequest, reads_upstream, request_json
 from gwcore.wire import Usage
 from gwnative import encode_event
 
@@ -213,7 +213,21 @@ def build_chat(body: dict[str, Any], dep: Deployment, base_url: str | None,
     if api_key:
         headers.append(("x-goog-api-key", api_key))
     url = model_url(base_url or DEFAULT_BASE_URL, dep.model, stream)
-    return UpstreamRequest("POST", url, headers, orjson.dumps(out), stream=stream)
+    return UpstreamRequest("POST", url, headers, request_json(out), stream=stream)
+
+
+def _array(value: Any, param: str) -> list[Any]:
+    """An optional array field of the request: [] when absent, a 400 when not an array."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{param}' must be an array.", param=param)
+    return value
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """An optional object field: {} when absent or not an object (its checks follow)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _unsupported(param: str, why: str = "") -> InvalidRequest:
@@ -295,14 +309,13 @@ def _user_parts(content: Any, param: str) -> list[dict[str, Any]]:
         elif kind == "image_url":
             parts.append(_image_part(part.get("image_url"), f"{where}.image_url"))
         elif kind == "input_audio":
-            audio = part.get("input_audio") or {}
+            audio = _object(part.get("input_audio"))
             fmt, data = audio.get("format"), audio.get("data")
             if not isinstance(fmt, str) or not isinstance(data, str):
                 raise InvalidRequest("input_audio needs 'data' and 'format'.", param=where)
             parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": data}})
         elif kind == "file":
-            file = part.get("file") or {}
-            data = file.get("file_data")
+            data = _object(part.get("file")).get("file_data")
             if not isinstance(data, str):
                 raise InvalidRequest("Only files given inline as file_data (a base64 data: "
                                      "URL) are supported.", param=f"{where}.file")
@@ -367,7 +380,7 @@ def _contents(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             add("user", _user_parts(content, f"{param}.content"))
         elif role == "assistant":
             parts = _text_parts(content, f"{param}.content", ("text", "refusal"))
-            for k, call in enumerate(msg.get("tool_calls") or []):
+            for k, call in enumerate(_array(msg.get("tool_calls"), f"{param}.tool_calls")):
                 where = f"{param}.tool_calls[{k}]"
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or call.get("type", "function") != "function":
@@ -402,33 +415,66 @@ def _contents(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return contents, system
 
 
+# Bounds on translating one schema: its nesting (each level costs two Python frames of
+# the recursion limit's 1000) and its size once $refs are inlined (each $ref is inlined
+# anew, so definitions that each refer twice to the next grow as 2**n).  Tool and
+# response schemas in use are far inside both.
+MAX_SCHEMA_DEPTH = 64
+MAX_SCHEMA_NODES = 10_000
+
+
+class _SchemaWalk:
+    """What one ``gemini_schema`` call has translated so far, across its recursion."""
+    __slots__ = ("nodes",)
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+
 def gemini_schema(schema: Any, param: str, defs: dict[str, Any] | None = None,
-                  seen: tuple[str, ...] = ()) -> dict[str, Any]:
+                  seen: tuple[str, ...] = (), *, _walk: _SchemaWalk | None = None,
+                  _depth: int = 0) -> dict[str, Any]:
     """A JSON Schema as Gemini's Schema (OpenAPI 3.0 subset), or a 400 naming ``param``.
 
     See the module doc for what is kept, rewritten, dropped and refused.
     """
     if not isinstance(schema, dict):
         raise _schema_error(param, "a schema must be an object")
+    walk = _walk or _SchemaWalk()
+    walk.nodes += 1
+    if _depth > MAX_SCHEMA_DEPTH:
+        raise _schema_error(param, f"it nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    if walk.nodes > MAX_SCHEMA_NODES:
+        raise _schema_error(param, f"it holds more than {MAX_SCHEMA_NODES} schemas once its "
+                                   "$refs are inlined")
+
+    def sub(value: Any, where: str, refs: tuple[str, ...] = seen) -> dict[str, Any]:
+        return gemini_schema(value, where, defs, refs, _walk=walk, _depth=_depth + 1)
+
     if defs is None:
-        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+        defs = {}
+        for key in ("definitions", "$defs"):
+            table = schema.get(key)
+            if table is not None and not isinstance(table, dict):
+                raise _schema_error(f"{param}.{key}", "definitions must be an object")
+            defs.update(table or {})
     if "$ref" in schema:
         ref = schema["$ref"]
         name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
         if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/")) \
-                or name not in defs:
+                or name not in defs or not isinstance(defs[name], dict):
             raise _schema_error(param, f"$ref {ref!r} is not a local definition")
         if name in seen:
             raise _schema_error(param, f"$ref {ref!r} is recursive")
         rest = {k: v for k, v in schema.items() if k != "$ref"}
-        return gemini_schema({**defs[name], **rest}, param, defs, seen + (name,))
+        return sub({**defs[name], **rest}, param, seen + (name,))
     if "allOf" in schema:
         all_of = schema["allOf"]
         if not isinstance(all_of, list) or len(all_of) != 1:
             raise _schema_error(param, "allOf with more than one schema")
         rest = {k: v for k, v in schema.items() if k != "allOf"}
-        merged = gemini_schema(all_of[0], f"{param}.allOf[0]", defs, seen)
-        return {**merged, **gemini_schema(rest, param, defs, seen)} if rest else merged
+        merged = sub(all_of[0], f"{param}.allOf[0]")
+        return {**merged, **sub(rest, param)} if rest else merged
     out: dict[str, Any] = {}
     for key, value in schema.items():
         where = f"{param}.{key}"
@@ -462,14 +508,14 @@ def gemini_schema(schema: Any, param: str, defs: dict[str, Any] | None = None,
         elif key == "properties":
             if not isinstance(value, dict):
                 raise _schema_error(where, "properties must be an object")
-            out["properties"] = {name: gemini_schema(sub, f"{where}.{name}", defs, seen)
-                                 for name, sub in value.items()}
+            out["properties"] = {name: sub(prop, f"{where}.{name}")
+                                 for name, prop in value.items()}
         elif key == "items":
-            out["items"] = gemini_schema(value, where, defs, seen)
+            out["items"] = sub(value, where)
         elif key in ("anyOf", "oneOf"):
             if not isinstance(value, list) or not value:
                 raise _schema_error(where, f"{key} must be a non-empty list")
-            subs = [gemini_schema(s, f"{where}[{k}]", defs, seen) for k, s in enumerate(value)]
+            subs = [sub(s, f"{where}[{k}]") for k, s in enumerate(value)]
             non_null = [s for s in subs if s != {"type": "NULL"}]
             if len(non_null) < len(subs):
                 out["nullable"] = True
@@ -479,7 +525,7 @@ def gemini_schema(schema: Any, param: str, defs: dict[str, Any] | None = None,
                 out["anyOf"] = non_null
         elif key == "format":
             # JSON Schema treats format as an annotation; Gemini refuses all but these.
-            if value in _SCHEMA_FORMATS:
+            if isinstance(value, str) and value in _SCHEMA_FORMATS:
                 out["format"] = value
         elif key in _SCHEMA_KEPT_KEYS:
             out[key] = value
@@ -502,12 +548,12 @@ def _schema_error(param: str, why: str) -> InvalidRequest:
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     declared: list[tuple[str, Any]] = []
-    for i, tool in enumerate(body.get("tools") or []):
+    for i, tool in enumerate(_array(body.get("tools"), "tools")):
         if not isinstance(tool, dict) or tool.get("type") != "function" \
                 or not isinstance(tool.get("function"), dict):
             raise _unsupported(f"tools[{i}].type", " (only function tools are)")
         declared.append((f"tools[{i}].function", tool["function"]))
-    for i, fn in enumerate(body.get("functions") or []):
+    for i, fn in enumerate(_array(body.get("functions"), "functions")):
         declared.append((f"functions[{i}]", fn))
     out = []
     for param, fn in declared:
@@ -551,7 +597,8 @@ def _tool_config(body: dict[str, Any]) -> dict[str, Any] | None:
         allowed = choice.get("allowed_tools")
         if choice.get("type") == "allowed_tools" and isinstance(allowed, dict) \
                 and allowed.get("mode") in ("auto", "required"):
-            names = [t["function"]["name"] for t in allowed.get("tools") or []
+            names = [t["function"]["name"]
+                     for t in _array(allowed.get("tools"), "tool_choice.allowed_tools.tools")
                      if isinstance(t, dict) and isinstance(t.get("function"), dict)
                      and isinstance(t["function"].get("name"), str)]
             return {"mode": "ANY" if allowed["mode"] == "required" else "VALIDATED",
@@ -638,7 +685,7 @@ def _call_id(response_id: str, choice: int, call: int) -> str:
 def _finish_reason(reason: Any, called: bool) -> str:
     if reason == "MAX_TOKENS":
         return "length"
-    if reason in CONTENT_FILTER_REASONS:
+    if isinstance(reason, str) and reason in CONTENT_FILTER_REASONS:
         return "content_filter"
     return "tool_calls" if called else "stop"
 
@@ -687,6 +734,7 @@ def _load(body: bytes | str) -> Any:
         raise UpstreamError("Google Gemini returned a response that is not JSON.") from None
 
 
+@reads_upstream("a response")
 def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]:
     """A GenerateContentResponse as an OpenAI ``chat.completion`` (bytes) and its usage."""
     response = _load(body)
@@ -780,6 +828,7 @@ class StreamTranslator:
         return self._frame([{"index": index, "delta": delta, "logprobs": None,
                              "finish_reason": finish}])
 
+    @reads_upstream("a stream event")
     def feed(self, event: SSEEventLike) -> list[bytes]:
         if self._closed or not event.data.strip():
             return []
@@ -825,6 +874,7 @@ class StreamTranslator:
             self.done = True
         return out
 
+    @reads_upstream("a stream")
     def close(self) -> list[bytes]:
         """The upstream body ended: the closing frames, or UpstreamError if cut short."""
         if self._closed:
@@ -859,20 +909,25 @@ def _error_status(response: dict[str, Any]) -> int:
     return code if isinstance(code, int) and 400 <= code <= 599 else 500
 
 
+def _details(err: dict[str, Any]) -> list[Any]:
+    details = err.get("details")
+    return details if isinstance(details, list) else []
+
+
 def _retry_delay(err: dict[str, Any]) -> str | None:
     """google.rpc.RetryInfo ``retryDelay`` ("3s", "1.5s") as retry-after seconds."""
-    for detail in err.get("details") or []:
+    for detail in _details(err):
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if isinstance(delay, str) and delay.endswith("s"):
             try:
                 return str(math.ceil(float(delay[:-1])))
-            except ValueError:
+            except (ValueError, OverflowError):  # "nans", "1e999s"
                 return None
     return None
 
 
 def _reasons(err: dict[str, Any]) -> set[str]:
-    return {d["reason"] for d in err.get("details") or []
+    return {d["reason"] for d in _details(err)
             if isinstance(d, dict) and isinstance(d.get("reason"), str)}
 
 

@@ -50,14 +50,19 @@ def _digest(body: dict[str, Any]) -> str:
                            digest_size=8).hexdigest()
 
 
+def _messages(body: dict[str, Any]) -> list[Any]:
+    messages = body.get("messages")
+    return messages if isinstance(messages, list) else []
+
+
 def prompt_tokens(body: dict[str, Any]) -> int:
-    messages = body.get("messages") or []
+    messages = _messages(body)
     chars = sum(len(_text_of(m.get("content"))) for m in messages if isinstance(m, dict))
     return max(1, chars // 4)
 
 
 def reply_words(body: dict[str, Any]) -> list[str]:
-    messages = body.get("messages") or []
+    messages = _messages(body)
     last = ""
     for m in reversed(messages):
         if isinstance(m, dict) and m.get("role") == "user":

@@ -13,7 +13,7 @@ import orjson
 from gwcore.config import Deployment
 from gwnative import encode_event
 from gwcore.errors import GatewayError, UpstreamError, UpstreamStatus
-from gwcore.providers.base import UpstreamRequest
+from gwcore.providers.base import UpstreamRequest, request_json
 from gwcore.wire import Usage, openai_error, openai_usage
 
 
@@ -42,14 +42,15 @@ def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | 
                                      "include_usage": True}
             injected = True
     return UpstreamRequest("POST", join_url(base, "/chat/completions"), _headers(api_key),
-                           orjson.dumps(out), stream=stream, injected_usage=injected)
+                           request_json(out), stream=stream, injected_usage=injected)
 
 
 def build_embeddings(body: dict[str, Any], dep: Deployment, base: str,
                      api_key: str | None) -> UpstreamRequest:
     out = dict(body)
     out["model"] = dep.model
-    return UpstreamRequest("POST", join_url(base, "/embeddings"), _headers(api_key), orjson.dumps(out))
+    return UpstreamRequest("POST", join_url(base, "/embeddings"), _headers(api_key),
+                           request_json(out))
 
 
 def build_responses(body: dict[str, Any], dep: Deployment, base: str,
@@ -58,7 +59,7 @@ def build_responses(body: dict[str, Any], dep: Deployment, base: str,
     out = dict(body)
     out["model"] = dep.model
     return UpstreamRequest("POST", join_url(base, "/responses"), _headers(api_key),
-                           orjson.dumps(out), stream=out.get("stream") is True)
+                           request_json(out), stream=out.get("stream") is True)
 
 
 def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]:
@@ -98,27 +99,50 @@ def map_error(status: int, body: bytes, headers: list[tuple[str, str]]) -> Gatew
     return UpstreamError(f"The upstream returned HTTP {status}: {message}")
 
 
+def _scalar(value: Any) -> Any:
+    """A field that must be a JSON scalar in a chat answer (id, model, finish_reason ...)."""
+    return value if value is None or isinstance(value, (str, int, float)) else None
+
+
 def completion_to_events(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
-    """A stored chat.completion replayed as the chunks OpenAI would have streamed."""
-    base = {"id": completion.get("id"), "object": "chat.completion.chunk",
-            "created": completion.get("created"), "model": completion.get("model"),
-            "system_fingerprint": completion.get("system_fingerprint")}
+    """A stored chat.completion replayed as the chunks OpenAI would have streamed.
+
+    The stored answer is whatever the upstream sent with its 200, so this reads it
+    leniently and never raises: its stream has begun by the time this runs.  Parts of
+    an unexpected shape are left out (a choice that is not an object, content that is
+    not text); the usage goes only when it can be written.
+    """
+    base = {"id": _scalar(completion.get("id")), "object": "chat.completion.chunk",
+            "created": _scalar(completion.get("created")),
+            "model": _scalar(completion.get("model")),
+            "system_fingerprint": _scalar(completion.get("system_fingerprint"))}
     extra = {"usage": None} if include_usage else {}
     out = []
-    for choice in completion.get("choices") or []:
-        message = choice.get("message") or {}
+    choices = completion.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
         i = choice.get("index", 0)
+        i = i if type(i) is int else 0
         first = {"role": "assistant", "content": ""}
         out.append({**base, "choices": [{"index": i, "delta": first, "logprobs": None,
                                           "finish_reason": None}], **extra})
-        if message.get("content"):
-            out.append({**base, "choices": [{"index": i, "delta": {"content": message["content"]},
+        if isinstance(content, str) and content:
+            out.append({**base, "choices": [{"index": i, "delta": {"content": content},
                                               "logprobs": None, "finish_reason": None}], **extra})
         out.append({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                          "finish_reason": choice.get("finish_reason")}], **extra})
+                                          "finish_reason": _scalar(choice.get("finish_reason"))}],
+                    **extra})
+    frames = [encode_event(orjson.dumps(c)) for c in out]
     if include_usage:
-        out.append({**base, "choices": [], "usage": completion.get("usage")})
-    return [encode_event(orjson.dumps(c)) for c in out] + [encode_event("[DONE]")]
+        usage = completion.get("usage")
+        try:
+            frames.append(encode_event(orjson.dumps({**base, "choices": [], "usage": usage})))
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            frames.append(encode_event(orjson.dumps({**base, "choices": [], "usage": None})))
+    return frames + [encode_event("[DONE]")]
 
 
 class StreamAssembler:
@@ -136,6 +160,9 @@ class StreamAssembler:
         self.usage: Any = None
 
     def add(self, data: str) -> None:
+        """One chunk's data.  A chunk of any unexpected shape (not an object, a choice
+        that is not one, content that is not text) only makes the answer uncacheable:
+        this runs mid-stream, where raising would cut the client's stream."""
         if not self.ok or data == "[DONE]":
             return
         try:
@@ -143,24 +170,41 @@ class StreamAssembler:
         except orjson.JSONDecodeError:
             self.ok = False
             return
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if not isinstance(choices, list):
+            self.ok = False
+            return
         if not self.meta:
-            self.meta = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+            self.meta = {k: _scalar(chunk.get(k))
+                         for k in ("id", "created", "model", "system_fingerprint")}
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if choice.get("index", 0) != 0 or delta.get("tool_calls") or delta.get("refusal") \
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict) or choice.get("index", 0) != 0 \
+                    or delta.get("tool_calls") or delta.get("refusal") \
                     or delta.get("function_call"):
                 self.ok = False
                 return
-            if delta.get("content"):
-                self.parts.append(delta["content"])
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
+            content, finish = delta.get("content"), choice.get("finish_reason")
+            if content is not None and not isinstance(content, str) or \
+                    finish is not None and not isinstance(finish, str):
+                self.ok = False
+                return
+            if content:
+                self.parts.append(content)
+            if finish:
+                self.finish = finish
 
     def result(self) -> bytes | None:
         if not self.ok or self.finish is None:
             return None
+        try:
+            return self._dumps()
+        except orjson.JSONEncodeError:  # a usage nested deeper than orjson writes
+            return None
+
+    def _dumps(self) -> bytes:
         return orjson.dumps({
             **{k: v for k, v in self.meta.items()}, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.parts),

@@ -8,22 +8,36 @@ the body timeout once the head is complete.  A client that misses a deadline is
 dropped; it holds only its own task, so others are never held up.
 
 While the handler runs, a watcher task keeps reading the socket.  It feeds pipelined
-bytes to h11 (which buffers them for the next cycle) and, on EOF, cancels the handler:
-a client that goes away mid-stream cancels the upstream request at once, even while no
-chunk is being written (``send_all`` would only notice on the next write).
+bytes to h11 (which buffers them for the next cycle) and, on EOF while a streamed
+response is under way, cancels the handler: a client that goes away mid-stream cancels
+the upstream request at once, even while no chunk is being written (``send_all`` would
+only notice on the next write).  Any other EOF is not taken as the client leaving: one
+that came before the response started (read by the watcher then, or already queued
+when a stream began: ``_peer_shut_writing``), during a whole (unstreamed) answer, or
+after further pipelined requests (which the client will want answered).  A
+client may half-close (shut down its sending side after its requests, as ``nc -N`` and
+some HTTP/1.0 scripts do) and still read the answers, pipelined ones included, and a
+socket cannot tell that from a full close.  The answer is sent; if the client did close
+fully, the write fails (at the latest on the second write, after its reset) and the
+connection ends then.  The price: a client that vanishes while a non-streamed answer is
+awaited leaves that upstream request running to its end (and it is accounted).
 
     phase          deadline                      on expiry / EOF
     -----          --------                      ---------------
     idle           keepalive_timeout_s           close quietly
     head           header_timeout_s              close (slow client dropped)
     body           body_timeout_s                close
-    handler        none (the handler's own)      EOF -> handler cancelled, close
+    handler        none (the handler's own)      EOF during a stream: handler
+                                                 cancelled, close; other EOF: answer
+                                                 (and pipelined requests), then close
+    writing        send_timeout_s per 64 KiB     close (slow reader dropped)
     draining       -                             idle connections close at once;
                                                  in-flight ones finish, then close
 """
 from __future__ import annotations
 
 import logging
+import select
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
@@ -36,6 +50,7 @@ from gwcore.server.h1 import (CLOSED, END_OF_BODY, NEED_DATA, PAUSED, BodyChunk,
 log = logging.getLogger("gwcore.server")
 
 RECEIVE_BYTES = 64 * 1024
+SEND_PIECE_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -45,6 +60,11 @@ class ServerLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
+    # 60 s: nginx's send_timeout.  A write that makes no progress for this long (the
+    # client stopped reading) drops the client, so a slow reader cannot hold its
+    # connection slot and upstream request forever.  Writes go out in SEND_PIECE_BYTES
+    # pieces, so a slow but reading client is never cut.
+    send_timeout_s: float = 60.0
 
 
 class Request:
@@ -84,14 +104,56 @@ ErrorRenderer = Callable[[int, str], tuple[list[tuple[bytes, bytes]], bytes]]
 class Responder:
     """Writes one response: whole (``send``) or streamed (``start_stream`` ...)."""
 
-    __slots__ = ("_stream", "_h1", "_state", "status", "bytes_sent")
+    __slots__ = ("_stream", "_h1", "_state", "status", "bytes_sent", "send_timeout_s",
+                 "eof_at_start", "streaming", "write_failed")
 
-    def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState) -> None:
+    def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState,
+                 send_timeout_s: float = 60.0) -> None:
         self._stream = stream
         self._h1 = h1
         self._state = state
         self.status = 0
         self.bytes_sent = 0
+        self.send_timeout_s = send_timeout_s
+        # The client had already shut its sending side when the response started: an
+        # EOF the watcher reads later is that half-close, not the client leaving.
+        self.eof_at_start = False
+        self.streaming = False
+        # A write failed (the client is gone, or read nothing for send_timeout_s): h11
+        # has framed the whole answer, but the socket did not take it, so the connection
+        # must close whatever the handler made of the exception.
+        self.write_failed = False
+
+    async def _write(self, data: bytes) -> None:
+        """``send_all`` in pieces, each within ``send_timeout_s``; a client that stops
+        reading gets BrokenResourceError, as one that closed does.
+
+        Fast path: straight into the socket buffer when it has room for all of it (an
+        answer or an event nearly always fits), with no cancel scope and no wait.
+        """
+        raw = getattr(getattr(self._stream, "socket", None), "_sock", None)
+        if raw is not None:
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.write_failed = True
+                raise trio.BrokenResourceError(f"the client connection broke: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+        view = memoryview(data)
+        try:
+            for start in range(0, len(view), SEND_PIECE_BYTES):
+                with trio.move_on_after(self.send_timeout_s) as scope:
+                    await self._stream.send_all(view[start:start + SEND_PIECE_BYTES])
+                if scope.cancelled_caught:
+                    raise trio.BrokenResourceError(
+                        f"the client read nothing for {self.send_timeout_s} s")
+        except BaseException:  # broken, closed, or cancelled half-way: not reusable
+            self.write_failed = True
+            raise
 
     @property
     def started(self) -> bool:
@@ -107,19 +169,21 @@ class Responder:
         self.status = status
         data = self._h1.response(status, self._headers(headers), body)
         self.bytes_sent += len(body)
-        await self._stream.send_all(data)
+        await self._write(data)
 
     async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
-        await self._stream.send_all(self._h1.response_head(status, self._headers(headers)))
+        self.streaming = True
+        self.eof_at_start = _peer_shut_writing(self._stream)
+        await self._write(self._h1.response_head(status, self._headers(headers)))
 
     async def send_chunk(self, data: bytes) -> None:
         if data:
             self.bytes_sent += len(data)
-            await self._stream.send_all(self._h1.response_body(data))
+            await self._write(self._h1.response_body(data))
 
     async def end_stream(self) -> None:
-        await self._stream.send_all(self._h1.response_end())
+        await self._write(self._h1.response_end())
 
 
 class Connection:
@@ -156,14 +220,19 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: 
             first = False
             head, body = got
             request = Request(head, body, client)
-            responder = Responder(stream, h1, state)
+            responder = Responder(stream, h1, state, limits.send_timeout_s)
             conn.busy = True
             try:
                 finished = await _run_handler(stream, h1, handler, request, responder,
                                               render_error)
             finally:
                 conn.busy = False
-            if not finished or not h1.start_next_cycle():
+            if not finished:
+                return
+            if not h1.start_next_cycle():
+                # The answer ends the connection (HTTP/1.0, "connection: close"), maybe
+                # with pipelined input still unread: close like after an error answer.
+                await _lingering_close(stream, b"")
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
@@ -243,16 +312,24 @@ async def _run_handler(stream: trio.SocketStream, h1: H1Connection, handler: Han
 
     async def watch(cancel: trio.CancelScope) -> None:
         nonlocal peer_gone
-        # Read what the client sends next: pipelined requests are buffered by h11; EOF
-        # (or a reset) means the client is gone and the handler's work is wasted.
+        # Read what the client sends next: pipelined requests are buffered by h11; a
+        # reset, or EOF during a stream, means the client is gone and the handler's
+        # work is wasted.  Another EOF may be a half-close (see the module docstring):
+        # stop reading and let the answer go out.
         while h1.buffered_bytes <= h1.max_header_bytes + h1.max_body_bytes:
             try:
                 data = await stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
                 peer_gone = True
                 cancel.cancel()
+                return
+            if not data:
+                # Pipelined requests already read (they came before the EOF) say the
+                # client means to read on: a half-close, not a departure.
+                if responder.streaming and not responder.eof_at_start \
+                        and not h1.buffered_bytes:
+                    peer_gone = True
+                    cancel.cancel()
                 return
             h1.receive_data(data)
 
@@ -271,7 +348,28 @@ async def _run_handler(stream: trio.SocketStream, h1: H1Connection, handler: Han
             nursery.cancel_scope.cancel()
             return False
         nursery.cancel_scope.cancel()
-    return not peer_gone and h1.response_done
+    return not peer_gone and not responder.write_failed and h1.response_done
+
+
+_POLL_EOF = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def _peer_shut_writing(stream: trio.abc.Stream) -> bool:
+    """True when the client's FIN (or a reset) is already queued on the socket.
+
+    A synchronous, zero-timeout poll (POLLRDHUP is Linux's "peer shut down writing"):
+    it tells a client that half-closed right after its request from one that leaves
+    while its response is being written.  Other streams (memory streams in tests): False.
+    """
+    try:
+        fd = stream.socket.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return False
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, _POLL_EOF)
+    return bool(poller.poll(0))
 
 
 def _peer(stream: trio.SocketStream) -> str:
