@@ -58,7 +58,8 @@ class App:
                               max_body_bytes=s.max_body_bytes,
                               header_timeout_s=s.header_timeout_s,
                               body_timeout_s=s.body_timeout_s,
-                              keepalive_timeout_s=s.keepalive_timeout_s)
+                              keepalive_timeout_s=s.keepalive_timeout_s,
+                              send_timeout_s=s.send_timeout_s)
         async with Upstreams(max_connections=s.upstream_max_connections,
                              keepalive=s.upstream_max_idle) as upstreams, open_sql_store(cfg) as store, \
                 maybe_open_redis(cfg.redis_url) as redis:

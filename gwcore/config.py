@@ -160,6 +160,9 @@ class ServerConfig(_Base):
     # 75 s: above the 60 s idle timeout of common load balancers (AWS ALB, nginx), so
     # the balancer, not the gateway, closes idle keep-alive connections first.
     keepalive_timeout_s: float = 75.0
+    # 60 s (nginx's send_timeout): a client that reads nothing of its answer for this
+    # long is dropped, so a stalled reader cannot hold a connection and an upstream.
+    send_timeout_s: float = 60.0
     max_connections: int = 10_000
     # Grace period for in-flight requests and streams after SIGTERM.
     shutdown_grace_s: float = 30.0
@@ -442,7 +445,7 @@ def _post_checks(cfg: Config, errors: list[str]) -> None:
                   "upstream_max_connections"):
         if getattr(s, field) <= 0:
             errors.append(f"server.{field}: expected a positive number")
-    for field in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s",
+    for field in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "send_timeout_s",
                   "stream_keepalive_s"):
         if not getattr(s, field) > 0:
             errors.append(f"server.{field}: expected a positive number of seconds")
