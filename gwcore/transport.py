@@ -14,10 +14,13 @@ handshake; ``read_s`` bounds each wait for bytes (the first byte included); the 
 is the caller's (the pipeline wraps each attempt in ``trio.fail_after``).
 
 Stale connections: an idle connection the server closed is noticed before use (a
-non-blocking ``MSG_PEEK`` sees the EOF) and dropped.  If a reused connection still
-fails before a single byte of the answer arrived, the request is sent again once on
-a fresh connection when that is safe: the method is idempotent, or the request never
-got out whole (the write itself failed), so the server cannot have acted on it.
+non-blocking ``MSG_PEEK`` sees the EOF) and dropped.  A server that closes right after
+an answer without announcing it races that check; so when a reused connection fails
+before a single byte of the answer arrived, the request is sent once more on a fresh
+connection, whatever its method.  Decision: a server that read a whole request and
+closed without a byte of answer is far rarer than this race, and the pipeline would
+resend the request anyway (a connection error is retryable), only later and counted
+as a failed attempt of a healthy deployment.
 
 Errors are the gateway's own: ``UpstreamUnavailable`` (cannot connect),
 ``UpstreamTimeout`` (no bytes within ``read_s``), ``UpstreamError`` (the connection
@@ -344,15 +347,11 @@ class Exchange:
         try:
             try:
                 return await self._send(pool, conn)
-            except _Stale as stale:
+            except _Stale:
                 pool.discard(conn)
                 conn = None  # type: ignore[assignment]
-                if not stale.sent or self.method in IDEMPOTENT:
-                    conn = await pool.acquire(self.connect_s, fresh=True)
-                    return await self._send(pool, conn)
-                raise UpstreamError(
-                    "The upstream closed a kept-alive connection without answering.") \
-                    from stale.cause
+                conn = await pool.acquire(self.connect_s, fresh=True)
+                return await self._send(pool, conn)
         except BaseException:
             if conn is not None:
                 pool.discard(conn)
