@@ -283,17 +283,14 @@ class Pipeline:
         """The upstream's 200 answer in the client's API; UpstreamError when it is not
         a valid answer (an HTML error page with a 200, a truncated body)."""
         adapter = registry.adapter(a.dep.provider)
-        if call.kind == "responses":
-            out.usage = responses_usage(data)
+        if call.kind == "responses" or a.passthrough:
             _check_json_object(data)
-            return data
-        if a.passthrough:
-            if a.dep.provider in registry.OPENAI_FAMILY:
+            if call.kind == "responses":
+                out.usage = responses_usage(data)
+            elif a.dep.provider in registry.OPENAI_FAMILY:
                 out.usage = openai_usage(data)
-                _check_json_object(data)
             else:
                 out.usage = adapter.usage_of(data)
-                _check_json_object(data)
             return data
         hub, out.usage = adapter.parse_chat(data, a.dep.model, int(time.time()))
         if call.api == "anthropic":
@@ -537,25 +534,21 @@ def _is_context_window(error: GatewayError) -> bool:
 
 
 def _check_json_object(data: bytes) -> None:
-    if not data.lstrip()[:1] == b"{" or not _valid_json(data):
-        raise UpstreamError("The upstream answered 200 with a body that is not a JSON object.")
-
-
-def _valid_json(data: bytes) -> bool:
+    """UpstreamError unless ``data`` is a well-formed JSON object.  Decoding into an
+    empty struct builds no Python objects but checks the whole text (and that its top
+    level is an object): a cheap validity check for passthrough answers."""
     try:
-        _json_check.decode(data)
+        _json_object.decode(data)
     except msgspec.DecodeError:
-        return False
-    return True
+        raise UpstreamError("The upstream answered 200 with a body that is not a JSON "
+                            "object.") from None
 
 
-# Decodes nothing into Python objects (an empty struct ignores every field) but still
-# checks the whole text is well-formed JSON: a cheap validity check for passthrough.
 class _Anything(msgspec.Struct):
     pass
 
 
-_json_check = msgspec.json.Decoder(_Anything)
+_json_object = msgspec.json.Decoder(_Anything)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -49,10 +49,6 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 class _Stale(Exception):
     """A reused connection failed before any byte of the answer: try a fresh one."""
 
-    def __init__(self, cause: BaseException, sent: bool) -> None:
-        self.cause = cause
-        self.sent = sent
-
 
 class _Target:
     """What a URL gives a request, computed once per URL."""
@@ -378,7 +374,7 @@ class Exchange:
             await _send(conn, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if conn.reused:
-                raise _Stale(exc, sent=False) from exc
+                raise _Stale(exc) from exc
             raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
         got_bytes = False
         while True:
@@ -387,7 +383,7 @@ class Exchange:
             except h11.RemoteProtocolError as exc:
                 if conn.reused and not got_bytes and h.their_state is h11.ERROR \
                         and not h.trailing_data[0]:
-                    raise _Stale(exc, sent=True) from exc
+                    raise _Stale(exc) from exc
                 raise UpstreamError(f"The upstream sent an invalid response: {exc}.") \
                     from exc
             if event is h11.NEED_DATA:
@@ -395,12 +391,12 @@ class Exchange:
                     data = await _receive(conn, self.read_s)
                 except UpstreamError as exc:
                     if conn.reused and not got_bytes:
-                        raise _Stale(exc, sent=True) from exc
+                        raise _Stale(exc) from exc
                     raise
                 if data:
                     got_bytes = True
                 elif conn.reused and not got_bytes:
-                    raise _Stale(EOFError("connection closed"), sent=True)
+                    raise _Stale(EOFError("connection closed"))
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
