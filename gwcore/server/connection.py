@@ -37,10 +37,11 @@ awaited leaves that upstream request running to its end (and it is accounted).
 from __future__ import annotations
 
 import logging
+import math
 import select
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
@@ -105,13 +106,21 @@ class Responder:
     """Writes one response: whole (``send``) or streamed (``start_stream`` ...)."""
 
     __slots__ = ("_stream", "_h1", "_state", "status", "bytes_sent", "send_timeout_s",
-                 "eof_at_start", "streaming", "write_failed")
+                 "eof_at_start", "streaming", "write_failed", "peer_gone", "_conn",
+                 "_nursery", "_watcher")
 
     def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState,
-                 send_timeout_s: float = 60.0) -> None:
+                 send_timeout_s: float = 60.0, nursery: trio.Nursery | None = None,
+                 conn: "Connection | None" = None) -> None:
         self._stream = stream
         self._h1 = h1
         self._state = state
+        self._nursery = nursery
+        # While a stream goes out, a watcher task reads the client (_watch): its cancel
+        # scope and the event it sets when it has stopped reading.
+        self._watcher: tuple[trio.CancelScope, trio.Event] | None = None
+        self._conn = conn
+        self.peer_gone = False
         self.status = 0
         self.bytes_sent = 0
         self.send_timeout_s = send_timeout_s
@@ -176,6 +185,23 @@ class Responder:
         self.streaming = True
         self.eof_at_start = _peer_shut_writing(self._stream)
         await self._write(self._h1.response_head(status, self._headers(headers)))
+        if self._nursery is not None and self._watcher is None:
+            self._watcher = (trio.CancelScope(), trio.Event())
+            self._nursery.start_soon(_watch, self._stream, self._h1, self,
+                                     *self._watcher)
+
+    def client_gone(self) -> None:
+        """The client left mid-stream: the handler's work is wasted, cancel it."""
+        self.peer_gone = True
+        if self._conn is not None:
+            self._conn.scope.cancel()
+
+    async def stop_watching(self) -> None:
+        """Stop the stream's watcher (if any) and wait until it no longer reads."""
+        if self._watcher is not None:
+            scope, done = self._watcher
+            scope.cancel()
+            await done.wait()
 
     async def send_chunk(self, data: bytes) -> None:
         if data:
@@ -187,13 +213,22 @@ class Responder:
 
 
 class Connection:
-    """A connection's state as the listener sees it (for draining and statistics)."""
+    """One connection's state, as the connection task and the listener share it.
 
-    __slots__ = ("idle_scope", "busy")
+    ``scope`` wraps the whole connection: cancelling it ends the connection (the
+    listener's timer does so when ``deadline`` passes, a drain does so for an idle
+    connection, and a stream's watcher does so when the client leaves).  The read
+    phases set ``deadline``; while the handler runs it is infinite (the handler keeps
+    its own time), so the timer never cuts an answer short.
+    """
+
+    __slots__ = ("scope", "deadline", "idle", "busy")
 
     def __init__(self) -> None:
-        self.idle_scope: trio.CancelScope | None = None
-        self.busy = False
+        self.scope = trio.CancelScope()
+        self.deadline = math.inf
+        self.idle = False       # waiting for a next request of which no byte has come
+        self.busy = False       # a handler is running
 
 
 async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: ServerLimits,
@@ -203,15 +238,31 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: 
                       max_body_bytes=limits.max_body_bytes)
     client = _peer(stream)
     try:
-        first = True
+        with conn.scope:
+            async with trio.open_nursery() as nursery:  # for the stream watchers
+                await _serve_requests(stream, handler, limits, state, conn, render_error,
+                                      h1, client, nursery)
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_requests(stream: trio.SocketStream, handler: Handler, limits: ServerLimits,
+                          state: ConnectionState, conn: Connection,
+                          render_error: ErrorRenderer, h1: H1Connection, client: str,
+                          nursery: trio.Nursery) -> None:
+    raw = getattr(getattr(stream, "socket", None), "_sock", None)
+    first = True
+    try:
         while True:
             if state.draining and h1.idle:
                 return
             try:
-                got = await _read_request(stream, h1, limits, conn, first)
+                got = await _read_request(stream, raw, h1, limits, conn, first)
             except ProtocolError as exc:
                 headers, body = render_error(exc.status, exc.message)
-                data = h1.error_response(exc.status, state.response_headers() + headers, body)
+                data = h1.error_response(exc.status, state.response_headers() + headers,
+                                         body)
                 if data:
                     await _lingering_close(stream, data)
                 return
@@ -220,11 +271,10 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: 
             first = False
             head, body = got
             request = Request(head, body, client)
-            responder = Responder(stream, h1, state, limits.send_timeout_s)
+            responder = Responder(stream, h1, state, limits.send_timeout_s, nursery, conn)
             conn.busy = True
             try:
-                finished = await _run_handler(stream, h1, handler, request, responder,
-                                              render_error)
+                finished = await _run_handler(h1, handler, request, responder, render_error)
             finally:
                 conn.busy = False
             if not finished:
@@ -235,26 +285,48 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: 
                 await _lingering_close(stream, b"")
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
-    finally:
-        await trio.aclose_forcefully(stream)
+        return  # the client left: nothing to answer, nothing to report
 
 
-async def _read_request(stream: trio.SocketStream, h1: H1Connection, limits: ServerLimits,
-                        conn: Connection, first: bool) -> tuple[RequestHead, bytes] | None:
-    """The next request's head and body, or None when the connection should close."""
-    now = trio.current_time()
+async def _receive(stream: trio.SocketStream, raw: Any, wait_first: bool) -> bytes:
+    """The next bytes from the client (b"" at EOF).
+
+    A plain socket is read directly: after a wait for readability when no data is
+    expected yet (``wait_first``: the client has yet to read our answer and send
+    again), else tried first.  This skips trio's socket wrapper (two checkpoints and a
+    context manager per call) on the hot path.
+    """
+    if raw is None:
+        return await stream.receive_some(RECEIVE_BYTES)
+    if wait_first:
+        await trio.lowlevel.wait_readable(raw)
+    while True:
+        try:
+            return raw.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(raw)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
+                        limits: ServerLimits, conn: Connection,
+                        first: bool) -> tuple[RequestHead, bytes] | None:
+    """The next request's head and body, or None when the connection should close.
+
+    A phase that outlasts its deadline is cut by the listener's timer (``conn.scope``).
+    """
     in_head = first or not h1.idle
-    deadline = now + (limits.header_timeout_s if in_head else limits.keepalive_timeout_s)
-    scope = trio.CancelScope(deadline=deadline)
+    conn.deadline = trio.current_time() + (limits.header_timeout_s if in_head
+                                           else limits.keepalive_timeout_s)
+    conn.idle = not in_head
     head: RequestHead | None = None
     chunks: list[bytes] = []
-    conn.idle_scope = scope if not in_head else None
-    with scope:
+    try:
         while True:
             event = h1.next_event()
             if event is NEED_DATA:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await _receive(stream, raw, wait_first=not in_head)
                 if not data:
                     if head is None and h1.idle:
                         return None
@@ -264,24 +336,22 @@ async def _read_request(stream: trio.SocketStream, h1: H1Connection, limits: Ser
                     # First byte of this request: from now on the header timeout runs,
                     # and a drain no longer counts this connection as idle.
                     in_head = True
-                    conn.idle_scope = None
-                    scope.deadline = trio.current_time() + limits.header_timeout_s
+                    conn.idle = False
+                    conn.deadline = trio.current_time() + limits.header_timeout_s
                 h1.receive_data(data)
             elif type(event) is RequestHead:
                 head = event
-                scope.deadline = trio.current_time() + limits.body_timeout_s
+                conn.deadline = trio.current_time() + limits.body_timeout_s
             elif type(event) is BodyChunk:
                 chunks.append(event.data)  # type: ignore[union-attr]
             elif event is END_OF_BODY:
-                conn.idle_scope = None
                 assert head is not None
                 return head, chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            elif event is CLOSED or event is PAUSED:
+            else:  # CLOSED or PAUSED; h11 emits nothing else to a server
                 return None
-            else:  # h11 emits nothing else to a server
-                return None
-    conn.idle_scope = None
-    return None  # a deadline passed, or a drain closed this idle connection
+    finally:
+        conn.deadline = math.inf
+        conn.idle = False
 
 
 # After an error answer the client may still be sending (a body we refused, a long
@@ -304,51 +374,56 @@ async def _lingering_close(stream: trio.SocketStream, data: bytes) -> None:
             drained += len(chunk)
 
 
-async def _run_handler(stream: trio.SocketStream, h1: H1Connection, handler: Handler,
-                       request: Request, responder: Responder,
-                       render_error: ErrorRenderer) -> bool:
-    """Run the handler beside a watcher for client EOF.  True if the response completed."""
-    peer_gone = False
+async def _run_handler(h1: H1Connection, handler: Handler, request: Request,
+                       responder: Responder, render_error: ErrorRenderer) -> bool:
+    """Run the handler; True if the response completed.
 
-    async def watch(cancel: trio.CancelScope) -> None:
-        nonlocal peer_gone
-        # Read what the client sends next: pipelined requests are buffered by h11; a
-        # reset, or EOF during a stream, means the client is gone and the handler's
-        # work is wasted.  Another EOF may be a half-close (see the module docstring):
-        # stop reading and let the answer go out.
-        while h1.buffered_bytes <= h1.max_header_bytes + h1.max_body_bytes:
-            try:
-                data = await stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                peer_gone = True
-                cancel.cancel()
-                return
-            if not data:
-                # Pipelined requests already read (they came before the EOF) say the
-                # client means to read on: a half-close, not a departure.
-                if responder.streaming and not responder.eof_at_start \
-                        and not h1.buffered_bytes:
-                    peer_gone = True
-                    cancel.cancel()
-                return
-            h1.receive_data(data)
+    No task watches the client while a whole answer is being prepared (a task and a
+    nursery per request cost more than the rest of the server's work); a stream starts
+    one (``Responder.start_stream``), which is stopped here before the next cycle.  A
+    client that leaves mid-stream cancels the connection's scope, handler included.
+    """
+    try:
+        await handler(request, responder)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        responder.peer_gone = True
+    except Exception:
+        log.exception("handler failed on %s %s", request.method, request.path)
+        if not responder.started and not responder.peer_gone:
+            headers, body = render_error(500, "Internal error in the gateway.")
+            headers = headers + [(b"connection", b"close")]
+            await responder.send(500, headers, body)
+        await responder.stop_watching()
+        return False
+    await responder.stop_watching()
+    return not responder.peer_gone and not responder.write_failed and h1.response_done
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch, nursery.cancel_scope)
-        try:
-            await handler(request, responder)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            peer_gone = True
-        except Exception:
-            log.exception("handler failed on %s %s", request.method, request.path)
-            if not responder.started and not peer_gone:
-                headers, body = render_error(500, "Internal error in the gateway.")
-                headers = headers + [(b"connection", b"close")]
-                await responder.send(500, headers, body)
-            nursery.cancel_scope.cancel()
-            return False
-        nursery.cancel_scope.cancel()
-    return not peer_gone and not responder.write_failed and h1.response_done
+
+async def _watch(stream: trio.SocketStream, h1: H1Connection, responder: Responder,
+                 scope: trio.CancelScope, done: trio.Event) -> None:
+    """Read what the client sends while a stream goes out.
+
+    Pipelined requests are buffered by h11; a reset, or an EOF (see the module
+    docstring), means the client is gone and the handler's work is wasted: the handler
+    is cancelled.  Another EOF may be a half-close: stop reading, let the answer go out.
+    """
+    try:
+        with scope:
+            while h1.buffered_bytes <= h1.max_header_bytes + h1.max_body_bytes:
+                try:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    responder.client_gone()
+                    return
+                if not data:
+                    # Pipelined requests already read (they came before the EOF) say
+                    # the client means to read on: a half-close, not a departure.
+                    if not responder.eof_at_start and not h1.buffered_bytes:
+                        responder.client_gone()
+                    return
+                h1.receive_data(data)
+    finally:
+        done.set()
 
 
 _POLL_EOF = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR

@@ -64,15 +64,37 @@ class Server:
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._listeners = listeners
-        async with trio.open_nursery() as connections:
-            self._connections_nursery = connections
-            with self._accept_scope:
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, connections)
-                    task_status.started()
-            # Drain: the accept loops are gone; wait for in-flight work (bounded by
-            # the grace timer that drain() started).
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._expire_loop)
+            async with trio.open_nursery() as connections:
+                self._connections_nursery = connections
+                with self._accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener, connections)
+                        task_status.started()
+                # Drain: the accept loops are gone; wait for in-flight work (bounded by
+                # the grace timer that drain() started).
+            outer.cancel_scope.cancel()
+
+    async def _expire_loop(self) -> None:
+        """Close connections whose read phase (idle, head, body) outlasted its deadline.
+
+        One timer for every connection, instead of a trio deadline per request (a cancel
+        scope with a deadline is among the costliest things a request does): each tick
+        cancels the connections whose ``deadline`` passed, so a phase ends between its
+        timeout and one tick later.
+        """
+        limits = self.limits
+        shortest = min(limits.header_timeout_s, limits.body_timeout_s,
+                       limits.keepalive_timeout_s)
+        tick = min(1.0, max(0.01, shortest / 10))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for conn in self.connections:
+                if conn.deadline <= now:
+                    conn.scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -117,8 +139,8 @@ class Server:
         for listener in self._listeners:
             await listener.aclose()
         for conn in list(self.connections):
-            if conn.idle_scope is not None:
-                conn.idle_scope.cancel()
+            if conn.idle:
+                conn.scope.cancel()
         if self.connections:
             with trio.move_on_after(grace_s):
                 await self._all_closed.wait()
