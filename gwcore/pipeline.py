@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -110,6 +110,8 @@ class Attempt:
 
 
 Prime = Callable[[Attempt, AsyncExitStack], Awaitable[None]]
+T = TypeVar("T")
+Try = Callable[["Call", Route, int, "Outcome"], Awaitable[T]]
 
 
 class _Failure(Exception):
@@ -135,6 +137,8 @@ class Pipeline:
         return route
 
     def _chain(self, route: Route) -> list[Route]:
+        if not route.fallbacks:
+            return [route]
         chain, seen = [route], {route.name}
         for name in route.fallbacks:
             fb = self.router.resolve(name)
@@ -154,15 +158,10 @@ class Pipeline:
         await trio.sleep(self.rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** retry)))
         return True
 
-    async def _attempt(self, call: Call, route: Route, out: Outcome,
-                       stack: AsyncExitStack, prime: "Prime | None" = None) -> Attempt:
-        """The first try that gets a 200 head (and that ``prime``, which reads the start
-        of the answer, accepts); its response stays open in ``stack``.
-
-        ``prime`` runs inside the try: a body that breaks off, stalls, is not valid or
-        is empty after a 200 head fails that try like a 502 would, so it is retried
-        and failed over while nothing has reached the client yet.
-        """
+    async def _attempt(self, call: Call, route: Route, out: Outcome, one_try: "Try[T]") -> T:
+        """The result of the first try that succeeds: ``one_try(call, route, index,
+        out)`` is ``_try_whole`` (a whole answer) or a ``_try`` that keeps a stream open.
+        A try raises ``_Failure``, retryable or not."""
         last: GatewayError | None = None
         tries = 0
         for r in self._chain(route):
@@ -178,7 +177,7 @@ class Pipeline:
                 tries += 1
                 tried.add(index)
                 try:
-                    return await self._try(call, r, index, out, stack, prime)
+                    return await one_try(call, r, index, out)
                 except _Failure as failure:
                     last = failure.error
                     if failure.retryable:
@@ -192,13 +191,61 @@ class Pipeline:
             index = self.router.last_resort(route, set())
             if index is not None:
                 try:
-                    return await self._try(call, route, index, out, stack, prime)
+                    return await one_try(call, route, index, out)
                 except _Failure as failure:
                     last = failure.error
         raise last or UpstreamUnavailable()
 
+    async def _try_whole(self, call: Call, r: Route, index: int,
+                         out: Outcome) -> tuple[bytes | Any, Deployment]:
+        """One try for a whole (unstreamed) answer: the exchange and the body under one
+        cancel scope (the first-byte timeout, then the whole timeout for the body), the
+        connection back in its pool before the answer is parsed.  An answer that is not
+        valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
+        dep = r.deployments[index]
+        out.attempts += 1
+        out.provider, out.upstream_model = dep.provider, dep.model
+        ureq, passthrough = self._build(call, dep)
+        timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
+        first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
+        health = self.router.started(r, index, trio.current_time())
+        error: GatewayError
+        status = 0
+        try:
+            data = None
+            with trio.CancelScope(deadline=trio.current_time() + first_byte_s) as scope:
+                async with self.upstreams.open(
+                        ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
+                                       read_s=timeout_s, whole=True),
+                        self.router.transport(dep)) as resp:
+                    scope.deadline = trio.current_time() + timeout_s
+                    data = await resp.read()
+            if data is None:
+                raise UpstreamTimeout()
+            status = resp.status
+            if status == 200:
+                status = 0  # a failure from here on is the upstream's (retryable)
+                answer = self._parse(call, dep, passthrough, data, out)
+                self.router.succeeded(health, r)
+                return answer, dep
+            error = registry.adapter(dep.provider).map_error(status, data, resp.headers)
+        except (UpstreamUnavailable, UpstreamTimeout, UpstreamError) as exc:
+            error = exc
+        finally:
+            self.router.finished(health)
+        raise self._failed(error, status, health, r)
+
+    def _failed(self, error: GatewayError, status: int, health: DeploymentHealth,
+                r: Route) -> "_Failure":
+        retryable = status == 0 or status in RETRYABLE_STATUS
+        if retryable:
+            self.router.failed(health, r, trio.current_time())
+        return _Failure(error, retryable)
+
     async def _try(self, call: Call, r: Route, index: int, out: Outcome,
-                   stack: AsyncExitStack, prime: "Prime | None" = None) -> Attempt:
+                   stack: AsyncExitStack, prime: "Prime") -> Attempt:
+        """One try for a stream: the first event read (``prime``) inside the try, the
+        response left open in ``stack`` for the relay."""
         dep = r.deployments[index]
         out.attempts += 1
         out.provider, out.upstream_model = dep.provider, dep.model
@@ -222,9 +269,8 @@ class Pipeline:
             status = resp.status
             if status == 200:
                 a = Attempt(resp, ureq, dep, r, health, passthrough)
-                if prime is not None:
-                    status = 0  # a failure from here on is the upstream's (retryable)
-                    await prime(a, attempt)
+                status = 0  # a failure from here on is the upstream's (retryable)
+                await prime(a, attempt)
                 self.router.succeeded(health, r)
                 stack.push_async_exit(attempt.pop_all())
                 return a
@@ -238,10 +284,7 @@ class Pipeline:
             error = exc
         finally:
             await attempt.aclose()
-        retryable = status == 0 or status in RETRYABLE_STATUS
-        if retryable:
-            self.router.failed(health, r, trio.current_time())
-        raise _Failure(error, retryable)
+        raise self._failed(error, status, health, r)
 
     def _build(self, call: Call, dep: Deployment) -> tuple[UpstreamRequest, bool]:
         base = self.router.base_url(dep)
@@ -264,35 +307,24 @@ class Pipeline:
     async def forward(self, call: Call, route: Route,
                       out: Outcome) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         """A whole answer in the client's API format, and the headers to add."""
-        answer: list[Any] = []
+        answer, dep = await self._attempt(call, route, out, self._try_whole)
+        return answer, _gateway_headers(dep)
 
-        async def prime(a: Attempt, _: AsyncExitStack) -> None:
-            timeout_s = clamp_timeout(a.dep.timeout_s or a.route.timeout_s, call.timeout_hint)
-            data = None
-            with trio.move_on_after(timeout_s):
-                data = await a.resp.read()
-            if data is None:
-                raise UpstreamTimeout()
-            answer.append(self._parse(call, a, data, out))
-
-        async with AsyncExitStack() as stack:
-            a = await self._attempt(call, route, out, stack, prime)
-        return answer[0], _gateway_headers(a.dep)
-
-    def _parse(self, call: Call, a: Attempt, data: bytes, out: Outcome) -> bytes | Any:
+    def _parse(self, call: Call, dep: Deployment, passthrough: bool, data: bytes,
+               out: Outcome) -> bytes | Any:
         """The upstream's 200 answer in the client's API; UpstreamError when it is not
         a valid answer (an HTML error page with a 200, a truncated body)."""
-        adapter = registry.adapter(a.dep.provider)
-        if call.kind == "responses" or a.passthrough:
+        adapter = registry.adapter(dep.provider)
+        if call.kind == "responses" or passthrough:
             _check_json_object(data)
             if call.kind == "responses":
                 out.usage = responses_usage(data)
-            elif a.dep.provider in registry.OPENAI_FAMILY:
+            elif dep.provider in registry.OPENAI_FAMILY:
                 out.usage = openai_usage(data)
             else:
                 out.usage = adapter.usage_of(data)
             return data
-        hub, out.usage = adapter.parse_chat(data, a.dep.model, int(time.time()))
+        hub, out.usage = adapter.parse_chat(data, dep.model, int(time.time()))
         if call.api == "anthropic":
             return registry.adapter("anthropic").openai_to_ingress(hub, call.body.get("model"))
         return hub
@@ -353,7 +385,9 @@ class Pipeline:
                 if self.stream_keepalive_s > 0:
                     nursery.start_soon(pinger)
                 try:
-                    a = await self._attempt(call, route, out, stack, prime)
+                    a = await self._attempt(
+                        call, route, out,
+                        lambda c, r, i, o: self._try(c, r, i, o, stack, prime))
                 except GatewayError as exc:
                     error = exc
                 nursery.cancel_scope.cancel()

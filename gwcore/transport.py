@@ -28,6 +28,7 @@ broke or the answer was not valid HTTP).
 """
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import time
@@ -287,6 +288,16 @@ async def _receive(conn: Conn, read_s: float) -> bytes:
     ``receive_some`` does) would only cost a failed syscall.
     """
     raw = conn.raw
+    if read_s == math.inf and raw is not None and not conn.tls:  # the caller's scope bounds it
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    return raw.recv(RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
+        except OSError as exc:
+            raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
     with trio.move_on_after(read_s):
         try:
             if raw is None or conn.tls:

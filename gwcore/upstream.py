@@ -20,6 +20,7 @@ path up to the socket.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -44,8 +45,11 @@ log = logging.getLogger("gwcore.upstream")
 class Timeouts:
     connect_s: float = 10.0
     # Between bytes (and until the first byte) of the upstream response.  The total is
-    # the caller's: the pipeline wraps each attempt in trio.fail_after.
+    # the caller's: the pipeline wraps each attempt in a cancel scope.
     read_s: float = 600.0
+    # The caller's scope bounds the whole answer within read_s (a whole answer, not a
+    # stream): the native transport then sets no timer per read.
+    whole: bool = False
 
 
 class UpstreamResponse:
@@ -220,7 +224,8 @@ class Upstreams:
                 return _open_mock(req)
             if not self._needs_proxy(req.url):
                 return self.native.exchange(req.method, req.url, req.headers, req.body,
-                                            timeouts.connect_s, timeouts.read_s)
+                                            timeouts.connect_s,
+                                            math.inf if timeouts.whole else timeouts.read_s)
         return self._open_httpx(req, timeouts)
 
     @asynccontextmanager
