@@ -336,24 +336,10 @@ class Pipeline:
         """Stream an answer to ``responder`` (a server Responder) in the client's API.
 
         ``observe`` sees the data of every OpenAI-format chunk (the cache assembles
-        answers from it).
+        answers from it).  The responder's watcher pings while the first event is
+        awaited; the head then goes out with the first events in one write, and the
+        last events with the stream's end when the upstream's end is already read.
         """
-        committed = False
-
-        async def commit(extra: list[tuple[bytes, bytes]]) -> None:
-            nonlocal committed
-            if not committed:
-                committed = True
-                await responder.start_stream(200, sse_headers + extra)
-
-        async def pinger() -> None:
-            while True:
-                await trio.sleep(self.stream_keepalive_s)
-                # Shielded so that a cancel never leaves half a ping on the wire.
-                with trio.CancelScope(shield=True):
-                    await commit([])
-                    await responder.send_chunk(PING)
-
         parser: Any = None
         relay: _Relay | None = None
         first: list[bytes] = []
@@ -377,59 +363,72 @@ class Pipeline:
                 raise UpstreamError(f"The upstream sent a malformed stream: {exc}") from exc
             raise UpstreamError("The upstream ended the stream without sending an event.")
 
+        responder.watch(self.stream_keepalive_s, sse_headers, PING)
         async with AsyncExitStack() as stack:
             a: Attempt | None = None
             error: GatewayError | None = None
             started = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                if self.stream_keepalive_s > 0:
-                    nursery.start_soon(pinger)
-                try:
-                    a = await self._attempt(
-                        call, route, out,
-                        lambda c, r, i, o: self._try(c, r, i, o, stack, prime))
-                except GatewayError as exc:
-                    error = exc
-                nursery.cancel_scope.cancel()
-            if error is not None and not committed:
+            try:
+                a = await self._attempt(call, route, out,
+                                        lambda c, r, i, o: self._try(c, r, i, o, stack, prime))
+            except GatewayError as exc:
+                error = exc
+            responder.stop_pings()
+            if error is not None and not responder.started:
                 raise error
             out.ttft_s = trio.current_time() - started
             try:
-                await commit(_gateway_headers(a.dep) if a is not None else [])
-                await self._relay(chunks, first, error, parser, relay, call, responder, out)
+                await self._relay(a, chunks, first, error, parser, relay, call, responder,
+                                  out, sse_headers)
             finally:
                 # Recorded even when the client leaves at the last moment (SDKs close
                 # right after [DONE]), so the usage is always accounted.
                 if relay is not None:
                     out.usage = relay.usage
 
-    async def _relay(self, chunks: AsyncIterator[bytes] | None, first: list[bytes],
-                     error: GatewayError | None, parser: Any, relay: "_Relay | None",
-                     call: Call, responder: Any, out: Outcome) -> None:
-        """Send the stream on from its first event, ending complete or with an error event."""
+    async def _relay(self, a: Attempt | None, chunks: AsyncIterator[bytes] | None,
+                     first: list[bytes], error: GatewayError | None, parser: Any,
+                     relay: "_Relay | None", call: Call, responder: Any, out: Outcome,
+                     sse_headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the stream on from its first event, ending complete or with an error
+        event.  (An ``error`` here came after a ping committed the head.)"""
+        pending = b""
         try:
             if error is not None:
                 raise error
-            assert chunks is not None and relay is not None
-            for data in first:
-                await responder.send_chunk(data)
-            async for chunk in chunks:
-                data = relay.feed(parser.feed(chunk))
-                if data:
-                    await responder.send_chunk(data)
+            assert a is not None and chunks is not None and relay is not None
+            pending = b"".join(first)
+            resp = a.resp
+            if not resp.at_end():
+                if not responder.started:
+                    await responder.start_stream(200, sse_headers + _gateway_headers(a.dep),
+                                                 pending)
+                else:
+                    await responder.send_chunk(pending)
+                pending = b""
+                async for chunk in chunks:
+                    data = relay.feed(parser.feed(chunk))
+                    if data:
+                        if resp.at_end():
+                            pending = data  # goes with the end, in one write
+                        else:
+                            await responder.send_chunk(data)
+            # else the whole stream is read already: it all goes out in one write
             parser.close()
-            tail = relay.close(truncated=parser.truncated)
-            if tail:
-                await responder.send_chunk(tail)
+            pending += relay.close(truncated=parser.truncated)
         except GatewayError as exc:
             out.error_code = exc.code
-            await responder.send_chunk(_error_event(call, exc.message, exc.type, exc.code))
+            pending += _error_event(call, exc.message, exc.type, exc.code)
         except SSEError as exc:
             out.error_code = "upstream_error"
-            await responder.send_chunk(_error_event(
-                call, f"The upstream sent a malformed stream: {exc}", "api_error",
-                "upstream_error"))
-        await responder.end_stream()
+            pending += _error_event(call, f"The upstream sent a malformed stream: {exc}",
+                                    "api_error", "upstream_error")
+        if not responder.started:
+            assert a is not None
+            await responder.start_stream(200, sse_headers + _gateway_headers(a.dep), pending,
+                                         end=True)
+        else:
+            await responder.end_stream(pending)
 
 
 class _Relay:

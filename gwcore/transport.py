@@ -229,7 +229,7 @@ class OriginPool:
 
 class NativeResponse:
     """The answer of one exchange; ``Exchange.__aexit__`` releases its connection."""
-    __slots__ = ("status", "_raw_headers", "_conn", "_read_s", "_ended")
+    __slots__ = ("status", "_raw_headers", "_conn", "_read_s", "_ended", "_next")
 
     def __init__(self, status: int, raw_headers: Any, conn: Conn, read_s: float) -> None:
         self.status = status
@@ -237,6 +237,7 @@ class NativeResponse:
         self._conn = conn
         self._read_s = read_s
         self._ended = False
+        self._next: Any = None  # an event (or error) at_end read ahead
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -244,7 +245,32 @@ class NativeResponse:
         return [(name.decode("latin-1"), value.decode("latin-1"))
                 for _, name, value in self._raw_headers._full_items]
 
+    def at_end(self) -> bool:
+        """True when the end of the body is already read: the relay then sends its
+        last events together with the stream's end.  Reads ahead without I/O."""
+        if self._ended:
+            return True
+        if self._next is not None:
+            return False
+        try:
+            event = self._conn.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._next = exc
+            return False
+        if type(event) is h11.EndOfMessage:
+            self._ended = True
+            return True
+        if event is not h11.NEED_DATA:
+            self._next = event
+        return False
+
     async def _event(self) -> Any:
+        ahead = self._next
+        if ahead is not None:
+            self._next = None
+            if isinstance(ahead, h11.RemoteProtocolError):
+                raise UpstreamError(f"The upstream response broke off: {ahead}.") from ahead
+            return ahead
         conn = self._conn
         h = conn.h11
         while True:

@@ -68,6 +68,10 @@ class UpstreamResponse:
         except httpx.HTTPError as exc:
             raise UpstreamError(f"The upstream response broke off: {type(exc).__name__}.") from exc
 
+    def at_end(self) -> bool:
+        """True when the body's end is known to be read (httpx does not tell early)."""
+        return False
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives.  Close the iterator (``aclose``) when done with it."""
         try:
@@ -122,6 +126,9 @@ class MockResponse:
 
     async def read(self) -> bytes:
         return b"".join(self._parts)
+
+    def at_end(self) -> bool:
+        return False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         for i, part in enumerate(self._parts):

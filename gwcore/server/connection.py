@@ -103,22 +103,33 @@ ErrorRenderer = Callable[[int, str], tuple[list[tuple[bytes, bytes]], bytes]]
 
 
 class Responder:
-    """Writes one response: whole (``send``) or streamed (``start_stream`` ...)."""
+    """Writes one response: whole (``send``) or streamed (``start_stream`` ...).
 
-    __slots__ = ("_stream", "_h1", "_state", "status", "bytes_sent", "send_timeout_s",
-                 "eof_at_start", "streaming", "write_failed", "peer_gone", "_conn",
-                 "_nursery", "_watcher")
+    A stream may first ask for a watcher (``watch``): a task that reads the client
+    while the answer is prepared and streamed, to notice it leaving, and that sends
+    ``: ping`` comments while the stream waits for its first event (the first ping
+    commits the 200 head).  Pings are written synchronously, so they never interleave
+    with the handler's writes.
+    """
+
+    __slots__ = ("_stream", "_raw", "_h1", "_state", "status", "bytes_sent",
+                 "send_timeout_s", "eof_at_start", "streaming", "write_failed", "peer_gone",
+                 "_conn", "_nursery", "_watcher", "_ping", "_backlog")
 
     def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState,
                  send_timeout_s: float = 60.0, nursery: trio.Nursery | None = None,
                  conn: "Connection | None" = None) -> None:
         self._stream = stream
+        self._raw = getattr(getattr(stream, "socket", None), "_sock", None)
         self._h1 = h1
         self._state = state
         self._nursery = nursery
-        # While a stream goes out, a watcher task reads the client (_watch): its cancel
-        # scope and the event it sets when it has stopped reading.
+        # The watcher's cancel scope and the event it sets when it has stopped reading.
         self._watcher: tuple[trio.CancelScope, trio.Event] | None = None
+        # While pinging: (the head's headers a first ping commits, the ping's bytes).
+        self._ping: tuple[list[tuple[bytes, bytes]], bytes] | None = None
+        # Bytes a synchronous ping could not write at once; the next write sends them first.
+        self._backlog = b""
         self._conn = conn
         self.peer_gone = False
         self.status = 0
@@ -133,6 +144,20 @@ class Responder:
         # must close whatever the handler made of the exception.
         self.write_failed = False
 
+    def _send_nowait(self, data: bytes) -> bytes:
+        """What of ``data`` the socket did not take at once (all of it without a socket)."""
+        raw = self._raw
+        if raw is None:
+            return data
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            self.write_failed = True
+            raise trio.BrokenResourceError(f"the client connection broke: {exc}") from exc
+        return data[sent:] if sent < len(data) else b""
+
     async def _write(self, data: bytes) -> None:
         """``send_all`` in pieces, each within ``send_timeout_s``; a client that stops
         reading gets BrokenResourceError, as one that closed does.
@@ -140,18 +165,11 @@ class Responder:
         Fast path: straight into the socket buffer when it has room for all of it (an
         answer or an event nearly always fits), with no cancel scope and no wait.
         """
-        raw = getattr(getattr(self._stream, "socket", None), "_sock", None)
-        if raw is not None:
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.write_failed = True
-                raise trio.BrokenResourceError(f"the client connection broke: {exc}") from exc
-            if sent == len(data):
-                return
-            data = data[sent:]
+        if self._backlog:
+            data, self._backlog = self._backlog + data, b""
+        data = self._send_nowait(data)
+        if not data:
+            return
         view = memoryview(data)
         try:
             for start in range(0, len(view), SEND_PIECE_BYTES):
@@ -180,15 +198,52 @@ class Responder:
         self.bytes_sent += len(body)
         await self._write(data)
 
-    async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]],
+                           first: bytes = b"", *, end: bool = False) -> None:
+        """The head, and the stream's ``first`` bytes in the same write (and with
+        ``end``, its end too: a stream whose every event was already at hand)."""
         self.status = status
         self.streaming = True
-        self.eof_at_start = _peer_shut_writing(self._stream)
-        await self._write(self._h1.response_head(status, self._headers(headers)))
-        if self._nursery is not None and self._watcher is None:
-            self._watcher = (trio.CancelScope(), trio.Event())
-            self._nursery.start_soon(_watch, self._stream, self._h1, self,
-                                     *self._watcher)
+        if self._watcher is not None and not end:
+            self.eof_at_start = _peer_shut_writing(self._stream)
+        data = self._h1.response_head(status, self._headers(headers))
+        if first:
+            self.bytes_sent += len(first)
+            data += self._h1.response_body(first)
+        if end:
+            data += self._h1.response_end()
+        await self._write(data)
+
+    def watch(self, ping_s: float = 0.0, head: list[tuple[bytes, bytes]] | None = None,
+              ping: bytes = b"") -> None:
+        """Start the watcher: it reads the client until the handler ends and, every
+        ``ping_s`` until ``stop_pings``, writes ``ping`` (first with a 200 head with
+        ``head``'s headers)."""
+        if self._nursery is None or self._watcher is not None:
+            return
+        if ping_s > 0 and ping and self._raw is not None:
+            self._ping = (head or [], ping)
+        self._watcher = (trio.CancelScope(), trio.Event())
+        self._nursery.start_soon(_watch, self._stream, self._raw, self._h1, self, ping_s,
+                                 *self._watcher)
+
+    def stop_pings(self) -> None:
+        self._ping = None
+
+    def _send_ping(self) -> None:
+        if self._ping is None or self.write_failed:
+            return
+        head, ping = self._ping
+        data = b""
+        if not self.status:
+            self.status = 200
+            self.streaming = True
+            data = self._h1.response_head(200, self._headers(head))
+        data += self._h1.response_body(ping)
+        self.bytes_sent += len(ping)
+        if self._backlog:
+            data, self._backlog = self._backlog + data, b""
+        self._backlog = self._send_nowait(data)
 
     def client_gone(self) -> None:
         """The client left mid-stream: the handler's work is wasted, cancel it."""
@@ -197,7 +252,8 @@ class Responder:
             self._conn.scope.cancel()
 
     async def stop_watching(self) -> None:
-        """Stop the stream's watcher (if any) and wait until it no longer reads."""
+        """Stop the watcher (if any) and wait until it no longer reads."""
+        self._ping = None
         if self._watcher is not None:
             scope, done = self._watcher
             scope.cancel()
@@ -208,8 +264,13 @@ class Responder:
             self.bytes_sent += len(data)
             await self._write(self._h1.response_body(data))
 
-    async def end_stream(self) -> None:
-        await self._write(self._h1.response_end())
+    async def end_stream(self, last: bytes = b"") -> None:
+        """The stream's ``last`` bytes and its end, in one write."""
+        data = b""
+        if last:
+            self.bytes_sent += len(last)
+            data = self._h1.response_body(last)
+        await self._write(data + self._h1.response_end())
 
 
 class Connection:
@@ -399,26 +460,37 @@ async def _run_handler(h1: H1Connection, handler: Handler, request: Request,
     return not responder.peer_gone and not responder.write_failed and h1.response_done
 
 
-async def _watch(stream: trio.SocketStream, h1: H1Connection, responder: Responder,
-                 scope: trio.CancelScope, done: trio.Event) -> None:
-    """Read what the client sends while a stream goes out.
+async def _watch(stream: trio.SocketStream, raw: Any, h1: H1Connection,
+                 responder: Responder, ping_s: float, scope: trio.CancelScope,
+                 done: trio.Event) -> None:
+    """Read what the client sends while a stream is prepared and goes out; ping.
 
-    Pipelined requests are buffered by h11; a reset, or an EOF (see the module
-    docstring), means the client is gone and the handler's work is wasted: the handler
-    is cancelled.  Another EOF may be a half-close: stop reading, let the answer go out.
+    Pipelined requests are buffered by h11.  A reset, or an EOF once the stream has
+    started (see the module docstring), means the client is gone and the handler's work
+    is wasted: the handler is cancelled.  An EOF before the stream starts may be a
+    half-close: stop reading, let the answer go out.
     """
     try:
         with scope:
             while h1.buffered_bytes <= h1.max_header_bytes + h1.max_body_bytes:
                 try:
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    if responder._ping is not None:
+                        data = None
+                        with trio.move_on_after(ping_s):
+                            data = await _receive(stream, raw, wait_first=True)
+                        if data is None:
+                            responder._send_ping()
+                            continue
+                    else:
+                        data = await _receive(stream, raw, wait_first=True)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     responder.client_gone()
                     return
                 if not data:
                     # Pipelined requests already read (they came before the EOF) say
                     # the client means to read on: a half-close, not a departure.
-                    if not responder.eof_at_start and not h1.buffered_bytes:
+                    if responder.streaming and not responder.eof_at_start \
+                            and not h1.buffered_bytes:
                         responder.client_gone()
                     return
                 h1.receive_data(data)
