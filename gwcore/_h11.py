@@ -7,6 +7,7 @@ module: their events and exceptions are different classes.
 from __future__ import annotations
 
 import os
+import re
 from types import ModuleType
 
 
@@ -23,3 +24,53 @@ def _pick() -> ModuleType:
 
 h11 = _pick()
 NAME = h11.__name__
+
+
+# -- heads with many fields ---------------------------------------------------------
+# h11 checks every field of a head it sends against its grammar, with two regular
+# expressions per field, and a chunked response's fields twice more (it rebuilds the
+# list to set Transfer-Encoding).  A gateway's answer carries a dozen fields of its own
+# making, so that was a good part of the cost of a response.  h11 only needs the fields
+# that frame the message or end the connection to keep its state; the others are
+# checked here, in one pass over the block, and written after h11's.
+
+FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# In "name: value\r\n" lines: a control character (CR and LF are counted apart), or a
+# value with white space at either end (RFC 9110 §5.5, as h11 checks it).
+_BAD_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|: [ \t]|[ \t]\r\n")
+# name -> True when h11 must see it (framing), False for the others; checked once each.
+_names: dict[bytes, bool] = {}
+
+
+def split_fields(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(the fields h11 must see, the other fields as "name: value\\r\\n" lines).
+
+    Raises h11.LocalProtocolError, as h11 would, for a name that is not a token or a
+    value h11 would refuse."""
+    framing: list[tuple[bytes, bytes]] = []
+    lines: list[bytes] = []
+    names = _names
+    for name, value in headers:
+        kind = names.get(name)
+        if kind is None:
+            if not _TOKEN.fullmatch(name):
+                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
+            if len(names) < 4096:
+                names[name] = kind = name.lower() in FRAMING
+            else:
+                kind = name.lower() in FRAMING
+        if kind:
+            framing.append((name, value))
+        else:
+            lines.append(b"%s: %s\r\n" % (name, value))
+    block = b"".join(lines)
+    if block and (_BAD_BLOCK.search(block) or block.count(b"\n") != len(lines)
+                  or block.count(b"\r") != len(lines)):
+        raise h11.LocalProtocolError("Illegal header value")
+    return framing, block
+
+
+def with_fields(head: bytes, block: bytes) -> bytes:
+    """A head h11 framed ("...\\r\\n\\r\\n") with ``block``'s lines added at its end."""
+    return head[:-2] + block + b"\r\n" if block else head

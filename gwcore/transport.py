@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from gwcore._h11 import h11
+from gwcore._h11 import h11, split_fields, with_fields
 import trio
 
 from gwcore.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -251,6 +251,10 @@ class NativeResponse:
         if self._ended:
             return True
         if self._next is not None:
+            if type(self._next) is h11.EndOfMessage:
+                self._next = None
+                self._ended = True
+                return True
             return False
         try:
             event = self._conn.h11.next_event()
@@ -295,11 +299,31 @@ class NativeResponse:
         return b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives.  Close the iterator (``aclose``) when done with it."""
+        """The body as it arrives.  Close the iterator (``aclose``) when done with it.
+
+        Every piece of body already read comes as one chunk: an SSE stream is sent one
+        event per HTTP chunk, and relaying what arrived together in one go saves a
+        write to the client per event."""
+        h = self._conn.h11
         while not self._ended:
             event = await self._event()
             if type(event) is h11.Data:
-                yield event.data
+                data = event.data
+                parts = None
+                while True:
+                    try:
+                        ahead = h.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        self._next = exc
+                        break
+                    if type(ahead) is not h11.Data:
+                        if ahead is not h11.NEED_DATA:
+                            self._next = ahead
+                        break
+                    if parts is None:
+                        parts = [data]
+                    parts.append(ahead.data)
+                yield data if parts is None else b"".join(parts)
             elif type(event) is h11.EndOfMessage:
                 self._ended = True
             elif type(event) is h11.ConnectionClosed:
@@ -397,11 +421,18 @@ class Exchange:
         assert t is not None
         body = self.body
         headers = [(b"host", t.host_header)]
-        headers.extend(self.headers)  # type: ignore[arg-type]
-        if body or self.method not in IDEMPOTENT:
-            headers.append((b"content-length", str(len(body)).encode()))
         try:
-            data = h.send(h11.Request(method=self.method, target=t.path, headers=headers))
+            headers += [(k if type(k) is bytes else k.encode("ascii"),
+                         v if type(v) is bytes else v.encode("ascii"))
+                        for k, v in self.headers]
+        except UnicodeEncodeError as exc:
+            raise UpstreamError(f"The upstream request could not be sent: {exc}.") from exc
+        if body or self.method not in IDEMPOTENT:
+            headers.append((b"content-length", b"%d" % len(body)))
+        try:
+            framing, block = split_fields(headers)
+            data = with_fields(h.send(h11.Request(method=self.method, target=t.path,
+                                                  headers=framing)), block)
             if body:
                 data += h.send(h11.Data(data=body))
             data += h.send(h11.EndOfMessage())

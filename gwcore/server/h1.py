@@ -47,7 +47,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gwcore._h11 import h11
+from gwcore._h11 import h11, split_fields, with_fields
 
 NEED_DATA = h11.NEED_DATA
 PAUSED = h11.PAUSED
@@ -244,8 +244,9 @@ class H1Connection:
     # -- output -------------------------------------------------------------------
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         """Frame a response head.  Without content-length the body goes chunked."""
-        return self._h11.send(h11.Response(status_code=status, headers=headers,
-                                           reason=_REASONS.get(status, b"")))  # type: ignore[return-value]
+        framing, block = split_fields(headers)
+        return with_fields(self._h11.send(h11.Response(  # type: ignore[arg-type]
+            status_code=status, headers=framing, reason=_REASONS.get(status, b""))), block)
 
     def response_body(self, data: bytes) -> bytes:
         if self._head_request:
