@@ -52,6 +52,9 @@ log = logging.getLogger("gwcore.server")
 
 RECEIVE_BYTES = 64 * 1024
 SEND_PIECE_BYTES = 64 * 1024
+# A stream still going this long after it asked for a watcher gets one (see
+# Responder.watch); also the listener's timer tick.
+WATCH_DELAY_S = 0.05
 
 
 @dataclass(slots=True)
@@ -97,6 +100,10 @@ class ConnectionState(Protocol):
 
     def response_headers(self) -> list[tuple[bytes, bytes]]: ...
 
+    def watch_later(self, responder: "Responder") -> None: ...
+
+    def unwatch(self, responder: "Responder") -> None: ...
+
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
 ErrorRenderer = Callable[[int, str], tuple[list[tuple[bytes, bytes]], bytes]]
@@ -114,7 +121,8 @@ class Responder:
 
     __slots__ = ("_stream", "_raw", "_h1", "_state", "status", "bytes_sent",
                  "send_timeout_s", "eof_at_start", "streaming", "write_failed", "peer_gone",
-                 "_conn", "_nursery", "_watcher", "_ping", "_backlog")
+                 "_conn", "_nursery", "_watcher", "_ping", "_backlog", "_watch_since",
+                 "_done")
 
     def __init__(self, stream: trio.abc.Stream, h1: H1Connection, state: ConnectionState,
                  send_timeout_s: float = 60.0, nursery: trio.Nursery | None = None,
@@ -126,8 +134,11 @@ class Responder:
         self._nursery = nursery
         # The watcher's cancel scope and the event it sets when it has stopped reading.
         self._watcher: tuple[trio.CancelScope, trio.Event] | None = None
-        # While pinging: (the head's headers a first ping commits, the ping's bytes).
-        self._ping: tuple[list[tuple[bytes, bytes]], bytes] | None = None
+        # While pinging: (the head's headers a first ping commits, the ping's bytes,
+        # the interval).
+        self._ping: tuple[list[tuple[bytes, bytes]], bytes, float] | None = None
+        self._watch_since: float | None = None  # when watch() was asked
+        self._done = False  # the handler has ended: no watcher may start
         # Bytes a synchronous ping could not write at once; the next write sends them first.
         self._backlog = b""
         self._conn = conn
@@ -216,16 +227,35 @@ class Responder:
 
     def watch(self, ping_s: float = 0.0, head: list[tuple[bytes, bytes]] | None = None,
               ping: bytes = b"") -> None:
-        """Start the watcher: it reads the client until the handler ends and, every
-        ``ping_s`` until ``stop_pings``, writes ``ping`` (first with a 200 head with
-        ``head``'s headers)."""
-        if self._nursery is None or self._watcher is not None:
+        """Have a watcher read the client until the handler ends and, every ``ping_s``
+        until ``stop_pings``, write ``ping`` (first with a 200 head with ``head``'s
+        headers).
+
+        The watcher task starts only if the handler is still at it ``WATCH_DELAY_S``
+        later (the listener's timer starts it: ``start_watcher``): most streams from a
+        fast upstream are over by then, and a task per stream would cost them a good
+        part of their time.  The pings keep their times all the same.
+        """
+        if self._nursery is None or self._watch_since is not None:
             return
+        self._watch_since = trio.current_time()
         if ping_s > 0 and ping and self._raw is not None:
-            self._ping = (head or [], ping)
+            self._ping = (head or [], ping, ping_s)
+        self._state.watch_later(self)
+
+    def start_watcher(self) -> None:
+        """Start the watcher task (the listener's timer calls this)."""
+        if self._nursery is None or self._watcher is not None or self._done:
+            return
+        if self.streaming:
+            # An EOF already queued: the client half-closed (or left: then a write
+            # fails later); only an EOF that comes from now on cancels the handler.
+            self.eof_at_start = _peer_shut_writing(self._stream)
         self._watcher = (trio.CancelScope(), trio.Event())
-        self._nursery.start_soon(_watch, self._stream, self._raw, self._h1, self, ping_s,
-                                 *self._watcher)
+        first_ping_at = self._watch_since + self._ping[2] if self._ping is not None \
+            else math.inf
+        self._nursery.start_soon(_watch, self._stream, self._raw, self._h1, self,
+                                 first_ping_at, *self._watcher)
 
     def stop_pings(self) -> None:
         self._ping = None
@@ -233,7 +263,7 @@ class Responder:
     def _send_ping(self) -> None:
         if self._ping is None or self.write_failed:
             return
-        head, ping = self._ping
+        head, ping, _ = self._ping
         data = b""
         if not self.status:
             self.status = 200
@@ -254,6 +284,9 @@ class Responder:
     async def stop_watching(self) -> None:
         """Stop the watcher (if any) and wait until it no longer reads."""
         self._ping = None
+        self._done = True
+        if self._watch_since is not None:
+            self._state.unwatch(self)
         if self._watcher is not None:
             scope, done = self._watcher
             scope.cancel()
@@ -461,7 +494,7 @@ async def _run_handler(h1: H1Connection, handler: Handler, request: Request,
 
 
 async def _watch(stream: trio.SocketStream, raw: Any, h1: H1Connection,
-                 responder: Responder, ping_s: float, scope: trio.CancelScope,
+                 responder: Responder, ping_at: float, scope: trio.CancelScope,
                  done: trio.Event) -> None:
     """Read what the client sends while a stream is prepared and goes out; ping.
 
@@ -476,10 +509,13 @@ async def _watch(stream: trio.SocketStream, raw: Any, h1: H1Connection,
                 try:
                     if responder._ping is not None:
                         data = None
-                        with trio.move_on_after(ping_s):
+                        with trio.move_on_at(ping_at):
                             data = await _receive(stream, raw, wait_first=True)
                         if data is None:
                             responder._send_ping()
+                            if responder._ping is not None:
+                                ping_at = max(ping_at + responder._ping[2],
+                                              trio.current_time())
                             continue
                     else:
                         data = await _receive(stream, raw, wait_first=True)

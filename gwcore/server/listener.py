@@ -18,8 +18,8 @@ from email.utils import formatdate
 
 import trio
 
-from gwcore.server.connection import (Connection, ErrorRenderer, Handler, ServerLimits,
-                                      serve_connection)
+from gwcore.server.connection import (WATCH_DELAY_S, Connection, ErrorRenderer, Handler,
+                                      Responder, ServerLimits, serve_connection)
 
 log = logging.getLogger("gwcore.server")
 
@@ -45,6 +45,8 @@ class Server:
         self._date_at = 0
         self._all_closed = trio.Event()
         self._common: list[tuple[bytes, bytes]] = []
+        # Streams that asked for a watcher, and since when (Responder.watch).
+        self._watch_later: dict[Responder, float] = {}
 
     # ConnectionState --------------------------------------------------------------
     def response_headers(self) -> list[tuple[bytes, bytes]]:
@@ -78,23 +80,39 @@ class Server:
             outer.cancel_scope.cancel()
 
     async def _expire_loop(self) -> None:
-        """Close connections whose read phase (idle, head, body) outlasted its deadline.
+        """Start the watchers of streams still going after WATCH_DELAY_S, and close
+        connections whose read phase (idle, head, body) outlasted its deadline.
 
         One timer for every connection, instead of a trio deadline per request (a cancel
-        scope with a deadline is among the costliest things a request does): each tick
-        cancels the connections whose ``deadline`` passed, so a phase ends between its
-        timeout and one tick later.
+        scope with a deadline is among the costliest things a request does): every
+        ``tick`` it cancels the connections whose ``deadline`` passed, so a phase ends
+        between its timeout and one tick later.
         """
         limits = self.limits
         shortest = min(limits.header_timeout_s, limits.body_timeout_s,
                        limits.keepalive_timeout_s)
         tick = min(1.0, max(0.01, shortest / 10))
+        next_scan = trio.current_time() + tick
         while True:
-            await trio.sleep(tick)
+            await trio.sleep(min(tick, WATCH_DELAY_S))
             now = trio.current_time()
-            for conn in self.connections:
-                if conn.deadline <= now:
-                    conn.scope.cancel()
+            if self._watch_later:
+                due = [r for r, since in self._watch_later.items()
+                       if now - since >= WATCH_DELAY_S]
+                for responder in due:
+                    del self._watch_later[responder]
+                    responder.start_watcher()
+            if now >= next_scan:
+                next_scan = now + tick
+                for conn in self.connections:
+                    if conn.deadline <= now:
+                        conn.scope.cancel()
+
+    def watch_later(self, responder: Responder) -> None:
+        self._watch_later[responder] = trio.current_time()
+
+    def unwatch(self, responder: Responder) -> None:
+        self._watch_later.pop(responder, None)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
