@@ -189,9 +189,9 @@ def _serve(cfg: Any, args: argparse.Namespace) -> int:
 
 # The cyclic collector's first generation runs every GC_GEN0_THRESHOLD net allocations
 # (CPython's default: 700).  A request allocates hundreds of objects, nearly all freed
-# by reference counting, so the default collects every few requests for little; the
-# older generations' passes then walk the whole heap, and they made the c=32 p99.
-GC_GEN0_THRESHOLD = 50_000
+# by reference counting, so the default collects every few requests for little.  Much
+# higher (50,000 was tried) lets cyclic garbage (httpx makes plenty) hold megabytes.
+GC_GEN0_THRESHOLD = 10_000
 
 
 def tune_gc() -> None:

@@ -420,17 +420,10 @@ class Exchange:
         t = self._target
         assert t is not None
         body = self.body
-        headers = [(b"host", t.host_header)]
         try:
-            headers += [(k if type(k) is bytes else k.encode("ascii"),
-                         v if type(v) is bytes else v.encode("ascii"))
-                        for k, v in self.headers]
-        except UnicodeEncodeError as exc:
-            raise UpstreamError(f"The upstream request could not be sent: {exc}.") from exc
-        if body or self.method not in IDEMPOTENT:
-            headers.append((b"content-length", b"%d" % len(body)))
-        try:
-            framing, block = split_fields(headers)
+            framing, block = self.pools.fields(t, self.headers)
+            if body or self.method not in IDEMPOTENT:
+                framing = framing + [(b"content-length", b"%d" % len(body))]
             data = with_fields(h.send(h11.Request(method=self.method, target=t.path,
                                                   headers=framing)), block)
             if body:
@@ -445,9 +438,13 @@ class Exchange:
                 raise _Stale(exc) from exc
             raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
         got_bytes = False
+        event: Any = h11.NEED_DATA  # no answer before the request: skip asking h11
+        asked = False
         while True:
             try:
-                event = h.next_event()
+                if asked:
+                    event = h.next_event()
+                asked = True
             except h11.RemoteProtocolError as exc:
                 if conn.reused and not got_bytes and h.their_state is h11.ERROR \
                         and not h.trailing_data[0]:
@@ -492,6 +489,7 @@ class NativePools:
         self.idle_expiry_s = idle_expiry_s
         self._pools: dict[str, OriginPool] = {}
         self._targets: dict[str, tuple[_Target, OriginPool]] = {}
+        self._fields: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -516,6 +514,25 @@ class NativePools:
         if len(self._targets) > 4096:
             self._targets.clear()
         hit = self._targets[url] = (target, pool)
+        return hit
+
+    def fields(self, target: "_Target", headers: list[tuple[Any, Any]]
+               ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The request's fields for h11 and its other lines (``split_fields``), with
+        Host; remembered, since a deployment sends the same ones every time."""
+        key = (target.host_header, tuple(headers))
+        hit = self._fields.get(key)
+        if hit is None:
+            encoded = [(b"host", target.host_header)]
+            try:
+                encoded += [(k if type(k) is bytes else k.encode("ascii"),
+                             v if type(v) is bytes else v.encode("ascii")) for k, v in headers]
+            except UnicodeEncodeError as exc:
+                raise h11.LocalProtocolError(f"Illegal header: {exc}") from exc
+            hit = split_fields(encoded)
+            if len(self._fields) >= 1024:
+                self._fields.clear()
+            self._fields[key] = hit
         return hit
 
     def exchange(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,

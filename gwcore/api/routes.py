@@ -1,6 +1,7 @@
 """The gateway's request handler: (method, path) -> endpoint, errors, access log."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -28,6 +29,10 @@ JSON = [(b"content-type", b"application/json")]
 # Errors on these paths are in Anthropic's format; every other path's in OpenAI's.
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/messages"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# Request ids the gateway makes: 48 random bits per process, then a counter (unique
+# across workers and restarts, without a getrandom call per request).
+_RID_PREFIX = os.urandom(6).hex().encode()
+_rid_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 Endpoint = Callable[["Gateway", Request, Responder, Outcome, list[tuple[bytes, bytes]]],
                     Awaitable[None]]
@@ -75,7 +80,7 @@ class Gateway:
     async def __call__(self, request: Request, responder: Responder) -> None:
         rid = request.header(b"x-request-id")
         if rid is None or not _REQUEST_ID.match(rid):
-            rid = b"req_" + os.urandom(12).hex().encode()
+            rid = b"req_%s%012x" % (_RID_PREFIX, next(_rid_counter))
         headers = [(b"x-request-id", rid)]
         out = Outcome()
         try:

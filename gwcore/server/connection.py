@@ -410,7 +410,10 @@ async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
 
     A phase that outlasts its deadline is cut by the listener's timer (``conn.scope``).
     """
-    in_head = first or not h1.idle
+    idle = h1.idle
+    in_head = first or not idle
+    # Nothing buffered: h11 would only say NEED_DATA (a call that costs microseconds).
+    empty = first or idle
     conn.deadline = trio.current_time() + (limits.header_timeout_s if in_head
                                            else limits.keepalive_timeout_s)
     conn.idle = not in_head
@@ -418,7 +421,10 @@ async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
     chunks: list[bytes] = []
     try:
         while True:
-            event = h1.next_event()
+            if empty:
+                event, empty = NEED_DATA, False
+            else:
+                event = h1.next_event()
             if event is NEED_DATA:
                 data = await _receive(stream, raw, wait_first=not in_head)
                 if not data:
