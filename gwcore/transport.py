@@ -121,7 +121,7 @@ def _plain(stream: trio.abc.Stream) -> trio.SocketStream:
 
 class OriginPool:
     __slots__ = ("target", "idle", "max_connections", "max_idle", "idle_expiry_s",
-                 "ssl_context", "open", "waiters")
+                 "ssl_context", "open", "waiters", "_handoff", "_woken")
 
     def __init__(self, target: _Target, *, max_connections: int, max_idle: int,
                  idle_expiry_s: float, ssl_context: ssl.SSLContext | None) -> None:
@@ -133,6 +133,11 @@ class OriginPool:
         self.ssl_context = ssl_context
         self.open = 0                   # connections open, idle ones included
         self.waiters = trio.lowlevel.ParkingLot()
+        # A connection given back while requests wait goes straight to the first of
+        # them (FIFO: a request arriving later never takes it first).  _woken counts
+        # tasks unparked for a free slot that have not run yet.
+        self._handoff: dict[Any, Conn] = {}
+        self._woken = 0
 
     def _pop_idle(self) -> Conn | None:
         now = time.monotonic()
@@ -147,33 +152,65 @@ class OriginPool:
 
     async def acquire(self, connect_s: float, fresh: bool = False) -> Conn:
         """An idle live connection, or a new one; when ``max_connections`` are open
-        and busy, wait (within ``connect_s``) for one to come back or close."""
-        if not fresh:
+        and busy, wait (within ``connect_s``, first come first served) for one to come
+        back or close."""
+        queued = bool(self.waiters) or self._woken > 0
+        if not fresh and not queued:
             conn = self._pop_idle()
             if conn is not None:
                 return conn
         with trio.move_on_after(connect_s):
             while True:
-                if not fresh:
-                    conn = self._pop_idle()
-                    if conn is not None:
-                        return conn
-                elif self.open >= self.max_connections and self.idle:
-                    self.discard(self.idle.pop(0))  # make room: the coldest goes
-                if self.open < self.max_connections:
-                    self.open += 1
-                    try:
-                        return await self._connect()
-                    except BaseException:
-                        self.open -= 1
-                        self.waiters.unpark()
-                        raise
-                await self.waiters.park()
+                if not queued:
+                    if not fresh:
+                        conn = self._pop_idle()
+                        if conn is not None:
+                            return conn
+                    elif self.open >= self.max_connections and self.idle:
+                        self.discard(self.idle.pop(0))  # make room: the coldest goes
+                    if self.open < self.max_connections:
+                        self.open += 1
+                        try:
+                            return await self._connect()
+                        except BaseException:
+                            self.open -= 1
+                            self._wake_one()
+                            raise
+                queued = False
+                task = trio.lowlevel.current_task()
+                try:
+                    await self.waiters.park()
+                except BaseException:
+                    handed = self._handoff.pop(task, None)
+                    if handed is not None:
+                        self._give(handed)  # not ours after all: the next one's
+                    raise
+                handed = self._handoff.pop(task, None)
+                if handed is not None:
+                    return handed
+                self._woken -= 1  # woken for a free slot (or idle room): try again
         if self.open >= self.max_connections:
             raise UpstreamUnavailable(
                 f"All {self.max_connections} connections to the upstream stayed busy "
                 "for the connect timeout (server.upstream_max_connections).")
         raise UpstreamUnavailable("Connecting to the upstream timed out.")
+
+    def _wake_one(self) -> None:
+        """A slot came free: the first waiter may take it."""
+        if self.waiters:
+            self._woken += 1
+            self.waiters.unpark()
+
+    def _give(self, conn: Conn) -> None:
+        """A reusable connection: to the first waiter, else onto the idle stack."""
+        if self.waiters:
+            for task in self.waiters.unpark():
+                self._handoff[task] = conn
+            return
+        if len(self.idle) < self.max_idle:
+            self.idle.append(conn)
+        else:
+            self.discard(conn)
 
     async def _connect(self) -> Conn:
         t = self.target
@@ -202,25 +239,21 @@ class OriginPool:
     def release(self, conn: Conn) -> None:
         """Back to the idle stack when h11 says the exchange ended cleanly; else close."""
         h = conn.h11
-        if h.our_state is h11.DONE and h.their_state is h11.DONE and \
-                len(self.idle) < self.max_idle:
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
             try:
                 h.start_next_cycle()
             except h11.LocalProtocolError:
                 self.discard(conn)
                 return
             conn.idle_since = time.monotonic()
-            self.idle.append(conn)
-            if self.waiters:
-                self.waiters.unpark()
+            self._give(conn)
             return
         self.discard(conn)
 
     def discard(self, conn: Conn) -> None:
         conn.close()
         self.open -= 1
-        if self.waiters:
-            self.waiters.unpark()
+        self._wake_one()
 
     def close_idle(self) -> None:
         while self.idle:

@@ -215,6 +215,66 @@ async def test_the_pool_caps_open_connections_per_origin(make_pools) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_requests_waiting_for_a_capped_pool_are_served_first_come_first_served(
+        make_pools) -> None:
+    # One connection; a client that sends its next request the moment it has its
+    # answer, and another that waits meanwhile.  The connection given back goes to the
+    # waiter.  (It used to go onto the idle stack, where the busy client took it again
+    # before the woken waiter ran: at c=256 with a capped pool some requests waited
+    # over 2 s while others barged past.)
+    pools = make_pools(max_connections=1)
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, Scripted(lambda n: (OK, False)))
+        server.delay_s = 0.01
+        order: list[str] = []
+
+        async def busy() -> None:
+            for i in range(4):
+                await fetch(pools, server.url())
+                order.append(f"busy{i}")
+
+        async def waiter() -> None:
+            await fetch(pools, server.url())
+            order.append("waiter")
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(busy)
+            await trio.sleep(0.003)  # busy holds the connection now
+            clients.start_soon(waiter)
+        assert order == ["busy0", "waiter", "busy1", "busy2", "busy3"]
+        assert server.max_open == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_waiter_cancelled_after_being_handed_a_connection_passes_it_on(
+        make_pools) -> None:
+    pools = make_pools(max_connections=1)
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, Scripted(lambda n: (OK, False)))
+        server.delay_s = 0.05
+        results: list[str] = []
+
+        async def impatient() -> None:
+            with trio.move_on_after(0.05):  # gives up while the first holds the slot
+                await fetch(pools, server.url())
+                results.append("impatient")
+
+        async def patient() -> None:
+            results.append(str((await fetch(pools, server.url()))[0]))
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(patient)
+            await trio.sleep(0.005)
+            clients.start_soon(impatient)
+            await trio.sleep(0.005)
+            clients.start_soon(patient)
+        assert results == ["200", "200"]
+        assert pools.statistics()["upstream_connections"] == 1
+        with trio.fail_after(2):  # the slot was not lost
+            assert await fetch(pools, server.url()) == (200, b'{"ok":true}')
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_cancelled_stream_closes_its_connection_and_frees_its_slot(make_pools) -> None:
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     event = b'data: {"x":1}\n\n'
