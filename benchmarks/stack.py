@@ -163,6 +163,18 @@ class Stack:
         wait_healthy(child, f"http://127.0.0.1:{port}")
         return Spawned(name, f"http://127.0.0.1:{port}/v1", child, cwd)
 
+    def start_minimal(self, name: str, upstream_url: str) -> Spawned:
+        """``minimal_proxy.py`` (trio + h11, no logic) in front of ``upstream_url``,
+        pinned like the gateway: the floor the gateway's figures are read against."""
+        port = free_port()
+        cwd = self._dir(name)
+        origin = upstream_url.split("/v1")[0]
+        cmd = [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), "--port", str(port),
+               "--upstream", origin]
+        child = _start(name, self._pinned(self.gateway_cpus, cmd), self._env(), cwd, self.children)
+        wait_healthy(child, f"http://127.0.0.1:{port}")
+        return Spawned(name, f"http://127.0.0.1:{port}/v1", child, cwd)
+
     def start_gateway(self, name: str, upstream_url: str, env: dict[str, str] | None = None,
                       config: dict[str, Any] | None = None) -> Spawned:
         """``gwcore serve`` for the mock at ``upstream_url``: one key, a limit too high to

@@ -82,6 +82,7 @@ REPLY_WORDS = 9
 # The long stream of the per-chunk figure: 100 tokens, about 25 KB.
 CHUNK_WORDS = 100
 GATEWAY = "gwcore"
+MINIMAL = "trio+h11 minimal"
 
 
 @dataclass
@@ -542,6 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--upstream-pid", type=int, help="process id of --upstream (cpu, memory)")
     g.add_argument("--spawn", action="store_true",
                    help="start our gateway too (the default when no --target is given)")
+    g.add_argument("--minimal", action="store_true",
+                   help="also measure benchmarks/minimal_proxy.py (trio + h11, no logic), pinned like the gateway")
     g.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, default all: " + ", ".join(SCENARIOS))
     r = p.add_argument_group("how")
     r.add_argument("--quick", action="store_true", help="a smoke run: every scenario, tiny durations, one repetition")
@@ -677,6 +680,11 @@ def run(args: argparse.Namespace) -> int:
             targets.insert(0, Target(GATEWAY, "target", gw.url, GATEWAY_KEY, gw.pid,
                                      "`gwcore serve`, one worker: auth, a rate limit, accounting (SQLite), access log",
                                      gw))
+        if args.minimal:
+            floor = stack.start_minimal(MINIMAL, upstream.url)
+            targets.append(Target(MINIMAL, "target", floor.url, GATEWAY_KEY, floor.pid,
+                                  "benchmarks/minimal_proxy.py: trio + h11 both sides, a keep-alive "
+                                  "pool, no logic (the floor)"))
         ctx = Ctx(args, stack, upstream, targets)
         for t in ctx.endpoints:
             for stream in (False, True):

@@ -186,3 +186,24 @@ def test_a_quick_suite_run_reports_every_scenario(tmp_path: Path) -> None:
     width, height = _png_size(out / "latency.png")
     assert width >= 800 and height >= 600
     assert (out / "latency.png").stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_the_minimal_proxy_floor_is_measured_beside_the_gateway(tmp_path: Path) -> None:
+    """``--minimal``: benchmarks/minimal_proxy.py (trio + h11, no logic) as a target of
+    its own, plain and streamed, so the gateway's figures can be read against the floor."""
+    assert shutil.which("wrk"), "wrk is required for the benchmark suite (apt-get install wrk)"
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--minimal", "--scenarios", "latency,stream",
+         "--no-plot", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-6000:]}"
+    report = json.loads((out / "report.json").read_text())
+    assert [e["name"] for e in report["endpoints"]] == ["upstream", "gwcore", "trio+h11 minimal"]
+    latency = {r["target"]: r for r in report["scenarios"]["latency"]["rows"]}
+    stream = {r["target"]: r for r in report["scenarios"]["stream"]["rows"]}
+    floor = latency["trio+h11 minimal"]
+    assert floor["rps"] > 0 and floor["added_p50_ms"] > 0 and not floor.get("errors"), floor
+    s = stream["trio+h11 minimal"]
+    assert s["rps"] > 0 and s["events"] == stream["upstream"]["events"] and not s.get("errors"), s
