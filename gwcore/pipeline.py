@@ -7,8 +7,10 @@ that fails with a retryable error (connect error, timeout, 429, 500, 502, 503, 5
 moves on after a backoff (exponential with full jitter, or the upstream's
 ``retry-after`` when it gives one); other errors end the request at once, except a
 context-window error on a route with ``fallback_on_context_window``, which goes to the
-fallbacks.  The first try that gets a 200 head wins, and its response stays open for
-the caller to read or stream.
+fallbacks.  A try succeeds when the answer is good as far as it was read inside the
+try: a whole answer (``_try_whole``: exchange and body under one cancel scope, then
+parsed) or, for a stream (``_try``), its first event; a stream's response stays open
+for the relay.
 
 The hub format is OpenAI chat: every adapter (``gwcore.providers.*``) turns an OpenAI
 request into its API's request and its answers back.  A ``Call`` carries the request
@@ -17,9 +19,12 @@ an Anthropic-ingress call to an Anthropic deployment is passed through untransla
 
 For streams, nothing is retried once a byte of the upstream's answer has been sent to
 the client; after that an error is a final SSE error event.  While a stream waits for
-its first event, ``: ping`` comments go out every ``stream_keepalive_s``; the first
-ping commits the 200 head, so a long wait costs reporting a later failure as an SSE
-error event instead of an HTTP status.
+its first event, ``: ping`` comments go out every ``stream_keepalive_s`` (written by
+the server's watcher for the stream); the first ping commits the 200 head, so a long
+wait costs reporting a later failure as an SSE error event instead of an HTTP status.
+The relay writes the head with the first events, and the last events with the end of
+the stream, when the upstream sent them together: a stream that arrived whole goes out
+in one write.
 """
 from __future__ import annotations
 

@@ -1,26 +1,35 @@
 """One trio task per client connection: read a request, run the handler, repeat.
 
-How this works: ``serve_connection`` loops over requests on one keep-alive connection.
-Reading a request runs under a single cancel scope whose deadline moves with the
-phase: the keep-alive idle timeout while nothing of the next request has arrived, the
-header timeout once its first byte is in (from the accept, for the first request), and
-the body timeout once the head is complete.  A client that misses a deadline is
-dropped; it holds only its own task, so others are never held up.
+How this works: ``serve_connection`` loops over requests on one keep-alive connection,
+inside one cancel scope for the whole connection (``Connection.scope``).  The read
+phases set a deadline on the connection: the keep-alive idle timeout while nothing of
+the next request has arrived, the header timeout once its first byte is in (from the
+accept, for the first request), and the body timeout once the head is complete.  The
+listener's timer (one task for all connections, ``Server._expire_loop``) cancels a
+connection whose deadline passed, within a tick (a tenth of the shortest timeout, at
+most 1 s): a cancel scope with a deadline per request cost more than the rest of the
+read.  A client that misses a deadline is dropped; it holds only its own task.
 
-While the handler runs, a watcher task keeps reading the socket.  It feeds pipelined
-bytes to h11 (which buffers them for the next cycle) and, on EOF while a streamed
-response is under way, cancels the handler: a client that goes away mid-stream cancels
-the upstream request at once, even while no chunk is being written (``send_all`` would
-only notice on the next write).  Any other EOF is not taken as the client leaving: one
-that came before the response started (read by the watcher then, or already queued
-when a stream began: ``_peer_shut_writing``), during a whole (unstreamed) answer, or
-after further pipelined requests (which the client will want answered).  A
-client may half-close (shut down its sending side after its requests, as ``nc -N`` and
-some HTTP/1.0 scripts do) and still read the answers, pipelined ones included, and a
-socket cannot tell that from a full close.  The answer is sent; if the client did close
-fully, the write fails (at the latest on the second write, after its reset) and the
-connection ends then.  The price: a client that vanishes while a non-streamed answer is
-awaited leaves that upstream request running to its end (and it is accounted).
+No task watches the client while a whole answer is prepared: the next read finds an
+EOF or a reset.  A stream asks for a watcher (``Responder.watch``); the listener's
+timer starts it if the stream is still going ``WATCH_DELAY_S`` (50 ms) later, so a
+stream from a fast upstream costs no task.  The watcher reads the socket: it feeds
+pipelined bytes to h11 (which buffers them for the next cycle), writes the ``: ping``
+comments while the first event is awaited (synchronously, so never in the middle of
+another write), and on EOF while the stream is under way cancels the connection's
+scope, handler included: a client that goes away mid-stream cancels the upstream
+request at once, even while no chunk is being written (``send_all`` would only notice
+on the next write).  Any other EOF is not taken as the client leaving: one that came
+before the response started (read by the watcher then, or already queued when the
+watcher started: ``_peer_shut_writing``), during a whole (unstreamed) answer, or after
+further pipelined requests (which the client will want answered).  A client may
+half-close (shut down its sending side after its requests, as ``nc -N`` and some
+HTTP/1.0 scripts do) and still read the answers, pipelined ones included, and a socket
+cannot tell that from a full close.  The answer is sent; if the client did close fully,
+the write fails (at the latest on the second write, after its reset) and the connection
+ends then.  The price: a client that vanishes while a non-streamed answer is awaited
+(or in a stream's first 50 ms) leaves that upstream request running to its end (and it
+is accounted).
 
     phase          deadline                      on expiry / EOF
     -----          --------                      ---------------
