@@ -260,11 +260,15 @@ class Responder:
             # An EOF already queued: the client half-closed (or left: then a write
             # fails later); only an EOF that comes from now on cancels the handler.
             self.eof_at_start = _peer_shut_writing(self._stream)
-        self._watcher = (trio.CancelScope(), trio.Event())
+        watcher = (trio.CancelScope(), trio.Event())
         first_ping_at = self._watch_since + self._ping[2] if self._ping is not None \
             else math.inf
-        self._nursery.start_soon(_watch, self._stream, self._raw, self._h1, self,
-                                 first_ping_at, *self._watcher)
+        try:
+            self._nursery.start_soon(_watch, self._stream, self._raw, self._h1, self,
+                                     first_ping_at, *watcher)
+        except RuntimeError:  # the connection's nursery has closed: nothing to watch
+            return
+        self._watcher = watcher
 
     def stop_pings(self) -> None:
         self._ping = None
@@ -290,12 +294,16 @@ class Responder:
         if self._conn is not None:
             self._conn.scope.cancel()
 
-    async def stop_watching(self) -> None:
-        """Stop the watcher (if any) and wait until it no longer reads."""
+    def forget_watch(self) -> None:
+        """The handler has ended: no watcher may start from now on."""
         self._ping = None
         self._done = True
         if self._watch_since is not None:
             self._state.unwatch(self)
+
+    async def stop_watching(self) -> None:
+        """Stop the watcher (if any) and wait until it no longer reads."""
+        self.forget_watch()
         if self._watcher is not None:
             scope, done = self._watcher
             scope.cancel()
@@ -504,6 +512,8 @@ async def _run_handler(h1: H1Connection, handler: Handler, request: Request,
             await responder.send(500, headers, body)
         await responder.stop_watching()
         return False
+    finally:
+        responder.forget_watch()  # also when cancelled: no watcher may start later
     await responder.stop_watching()
     return not responder.peer_gone and not responder.write_failed and h1.response_done
 
