@@ -86,6 +86,7 @@ class Call:
     api: str = "openai"            # the client's API: "openai" | "anthropic"
     stream: bool = False
     timeout_hint: bytes | None = None
+    raw: bytes = b""               # the body's bytes as sent (forwarded when unchanged)
     _hub: dict[str, Any] | None = None
 
     def hub(self) -> dict[str, Any]:
@@ -301,12 +302,13 @@ class Pipeline:
                                      code="unsupported_endpoint", param="model")
             build = (openai_provider.build_embeddings if call.kind == "embeddings"
                      else openai_provider.build_responses)
-            return build(call.body, dep, base, key), True
+            return build(call.body, dep, base, key, call.raw), True
         if call.api == "anthropic" and dep.provider == "anthropic":
             return registry.adapter("anthropic").build_passthrough(call.body, dep, base, key), True
+        if call.api == "openai" and dep.provider in registry.OPENAI_FAMILY:
+            return openai_provider.build_chat(call.body, dep, base, key, call.raw), True
         adapter = registry.adapter(dep.provider)
-        return adapter.build_chat(call.hub(), dep, base, key), call.api == "openai" \
-            and dep.provider in registry.OPENAI_FAMILY
+        return adapter.build_chat(call.hub(), dep, base, key), False
 
     # -- non-streaming ------------------------------------------------------------
     async def forward(self, call: Call, route: Route,

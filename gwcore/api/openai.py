@@ -53,7 +53,7 @@ async def chat_completions(gw: "Gateway", request: Request, responder: Responder
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise InvalidRequest("'stream' must be a boolean.", code="invalid_type", param="stream")
-    call = Call("chat", body, "openai", bool(stream), _timeout_hint(request))
+    call = Call("chat", body, "openai", bool(stream), _timeout_hint(request), request.body)
     await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
 
 
@@ -68,7 +68,7 @@ async def embeddings(gw: "Gateway", request: Request, responder: Responder, out:
         raise InvalidRequest("'input' is required: a string or a non-empty array.",
                              code="invalid_type" if value is not None
                              else "missing_required_parameter", param="input")
-    call = Call("embeddings", body, "openai", False, _timeout_hint(request))
+    call = Call("embeddings", body, "openai", False, _timeout_hint(request), request.body)
     await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
 
 
@@ -82,7 +82,7 @@ async def responses(gw: "Gateway", request: Request, responder: Responder, out: 
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise InvalidRequest("'stream' must be a boolean.", code="invalid_type", param="stream")
-    call = Call("responses", body, "openai", bool(stream), _timeout_hint(request))
+    call = Call("responses", body, "openai", bool(stream), _timeout_hint(request), request.body)
     await serve_call(gw, request, responder, out, headers, key, model, call, SSE)
 
 

@@ -30,36 +30,48 @@ def _headers(api_key: str | None) -> list[tuple[str, str]]:
     return headers
 
 
-def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | None) -> UpstreamRequest:
+def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | None,
+               raw: bytes = b"") -> UpstreamRequest:
+    """``raw``: the body's bytes as the client sent them, forwarded as they are when
+    nothing needs changing (the model is the deployment's, and a stream already asks
+    for its usage): no copy of the request, no serialising it again."""
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    if raw and body.get("model") == dep.model and (wants_usage or not stream):
+        return UpstreamRequest("POST", join_url(base, "/chat/completions"), _headers(api_key),
+                               raw, stream=stream)
     out = dict(body)
     out["model"] = dep.model
-    stream = out.get("stream") is True
     injected = False
-    if stream:
-        options = out.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            out["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                     "include_usage": True}
-            injected = True
+    if stream and not wants_usage:
+        out["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                 "include_usage": True}
+        injected = True
     return UpstreamRequest("POST", join_url(base, "/chat/completions"), _headers(api_key),
                            request_json(out), stream=stream, injected_usage=injected)
 
 
-def build_embeddings(body: dict[str, Any], dep: Deployment, base: str,
-                     api_key: str | None) -> UpstreamRequest:
+def _passthrough(body: dict[str, Any], dep: Deployment, raw: bytes) -> bytes:
+    """The client's bytes when the model is already the deployment's, else re-written."""
+    if raw and body.get("model") == dep.model:
+        return raw
     out = dict(body)
     out["model"] = dep.model
+    return request_json(out)
+
+
+def build_embeddings(body: dict[str, Any], dep: Deployment, base: str,
+                     api_key: str | None, raw: bytes = b"") -> UpstreamRequest:
     return UpstreamRequest("POST", join_url(base, "/embeddings"), _headers(api_key),
-                           request_json(out))
+                           _passthrough(body, dep, raw))
 
 
 def build_responses(body: dict[str, Any], dep: Deployment, base: str,
-                    api_key: str | None) -> UpstreamRequest:
+                    api_key: str | None, raw: bytes = b"") -> UpstreamRequest:
     """OpenAI Responses API, passed through with the deployment's model."""
-    out = dict(body)
-    out["model"] = dep.model
     return UpstreamRequest("POST", join_url(base, "/responses"), _headers(api_key),
-                           request_json(out), stream=out.get("stream") is True)
+                           _passthrough(body, dep, raw), stream=body.get("stream") is True)
 
 
 def parse_chat(body: bytes, model: str, created: int) -> tuple[bytes, Usage | None]:

@@ -65,6 +65,28 @@ async def test_chat_completion_round_trip(gateway_factory):
         c.close()
 
 
+async def test_the_clients_bytes_go_upstream_unchanged_when_nothing_needs_rewriting(
+        gateway_factory):
+    # Spacing, key order and a field the gateway does not know survive byte for byte
+    # (no copy, no re-serialising); a model the route renames gets the body re-written.
+    yaml_text = ("models:\n  - name: house-model\n    deployments:\n"
+                 "      - {provider: openai, model: gpt-4o-mini}\n")
+    body = (b'{ "messages": [{"role": "user", "content": "hi"}],  "x_vendor_field": 1,'
+            b' "model": "gpt-4o-mini" }')
+    async with stack(gateway_factory, yaml_text) as (gw, mock):
+        async with httpx.AsyncClient() as h:
+            headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+            r = await h.post(f"{gw.base_url}/chat/completions", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            assert mock.requests[-1].body == body
+            renamed = body.replace(b'"gpt-4o-mini"', b'"house-model"')
+            r = await h.post(f"{gw.base_url}/chat/completions", content=renamed, headers=headers)
+            assert r.status_code == 200, r.text
+            sent = mock.requests[-1]
+            assert sent.body != renamed and sent.json["model"] == "gpt-4o-mini"
+            assert sent.json["x_vendor_field"] == 1
+
+
 async def test_streaming_arrives_in_the_same_chunks_as_from_the_upstream(gateway_factory):
     async with stack(gateway_factory) as (gw, mock):
         def collect(c, **kw):
