@@ -208,13 +208,8 @@ class Pipeline:
         cancel scope (the first-byte timeout, then the whole timeout for the body), the
         connection back in its pool before the answer is parsed.  An answer that is not
         valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
-        dep = r.deployments[index]
-        out.attempts += 1
-        out.provider, out.upstream_model = dep.provider, dep.model
-        ureq, passthrough = self._build(call, dep)
-        timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
-        first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
-        health = self.router.started(r, index, trio.current_time())
+        dep, ureq, passthrough, timeout_s, first_byte_s, health = \
+            self._begin(call, r, index, out)
         error: GatewayError
         status = 0
         try:
@@ -241,6 +236,20 @@ class Pipeline:
             self.router.finished(health)
         raise self._failed(error, status, health, r)
 
+    def _begin(self, call: Call, r: Route, index: int, out: Outcome
+               ) -> tuple[Deployment, UpstreamRequest, bool, float, float, DeploymentHealth]:
+        """What a try of either kind starts with: its deployment, the request for it
+        (and whether it passes through untranslated), its total and first-byte
+        timeouts, and the router's note that it is under way."""
+        dep = r.deployments[index]
+        out.attempts += 1
+        out.provider, out.upstream_model = dep.provider, dep.model
+        ureq, passthrough = self._build(call, dep)
+        timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
+        first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
+        return dep, ureq, passthrough, timeout_s, first_byte_s, \
+            self.router.started(r, index, trio.current_time())
+
     def _failed(self, error: GatewayError, status: int, health: DeploymentHealth,
                 r: Route) -> "_Failure":
         retryable = status == 0 or status in RETRYABLE_STATUS
@@ -252,13 +261,8 @@ class Pipeline:
                    stack: AsyncExitStack, prime: "Prime") -> Attempt:
         """One try for a stream: the first event read (``prime``) inside the try, the
         response left open in ``stack`` for the relay."""
-        dep = r.deployments[index]
-        out.attempts += 1
-        out.provider, out.upstream_model = dep.provider, dep.model
-        ureq, passthrough = self._build(call, dep)
-        timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
-        first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
-        health = self.router.started(r, index, trio.current_time())
+        dep, ureq, passthrough, timeout_s, first_byte_s, health = \
+            self._begin(call, r, index, out)
         attempt = AsyncExitStack()
         attempt.callback(self.router.finished, health)
         error: GatewayError
@@ -400,6 +404,8 @@ class Pipeline:
         """Send the stream on from its first event, ending complete or with an error
         event.  (An ``error`` here came after a ping committed the head.)"""
         pending = b""
+        # The head's headers, for a head not yet committed by a ping (then a is set).
+        head = sse_headers + _gateway_headers(a.dep) if a is not None else sse_headers
         try:
             if error is not None:
                 raise error
@@ -408,8 +414,7 @@ class Pipeline:
             resp = a.resp
             if not resp.at_end():
                 if not responder.started:
-                    await responder.start_stream(200, sse_headers + _gateway_headers(a.dep),
-                                                 pending)
+                    await responder.start_stream(200, head, pending)
                 else:
                     await responder.send_chunk(pending)
                 pending = b""
@@ -431,9 +436,7 @@ class Pipeline:
             pending += _error_event(call, f"The upstream sent a malformed stream: {exc}",
                                     "api_error", "upstream_error")
         if not responder.started:
-            assert a is not None
-            await responder.start_stream(200, sse_headers + _gateway_headers(a.dep), pending,
-                                         end=True)
+            await responder.start_stream(200, head, pending, end=True)
         else:
             await responder.end_stream(pending)
 

@@ -28,6 +28,7 @@ broke or the answer was not valid HTTP).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import ssl
@@ -278,28 +279,26 @@ class NativeResponse:
         return [(name.decode("latin-1"), value.decode("latin-1"))
                 for _, name, value in self._raw_headers._full_items]
 
+    def _ahead(self) -> Any:
+        """The next event if h11 has it without I/O (kept for ``_event``; an error is
+        kept too, and raised there), else None."""
+        if self._next is None:
+            try:
+                event = self._conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                event = exc
+            if event is h11.NEED_DATA:
+                return None
+            self._next = event
+        return self._next
+
     def at_end(self) -> bool:
         """True when the end of the body is already read: the relay then sends its
         last events together with the stream's end.  Reads ahead without I/O."""
-        if self._ended:
-            return True
-        if self._next is not None:
-            if type(self._next) is h11.EndOfMessage:
-                self._next = None
-                self._ended = True
-                return True
-            return False
-        try:
-            event = self._conn.h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._next = exc
-            return False
-        if type(event) is h11.EndOfMessage:
+        if not self._ended and type(self._ahead()) is h11.EndOfMessage:
+            self._next = None
             self._ended = True
-            return True
-        if event is not h11.NEED_DATA:
-            self._next = event
-        return False
+        return self._ended
 
     async def _event(self) -> Any:
         ahead = self._next
@@ -337,22 +336,13 @@ class NativeResponse:
         Every piece of body already read comes as one chunk: an SSE stream is sent one
         event per HTTP chunk, and relaying what arrived together in one go saves a
         write to the client per event."""
-        h = self._conn.h11
         while not self._ended:
             event = await self._event()
             if type(event) is h11.Data:
                 data = event.data
                 parts = None
-                while True:
-                    try:
-                        ahead = h.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        self._next = exc
-                        break
-                    if type(ahead) is not h11.Data:
-                        if ahead is not h11.NEED_DATA:
-                            self._next = ahead
-                        break
+                while type(ahead := self._ahead()) is h11.Data:
+                    self._next = None
                     if parts is None:
                         parts = [data]
                     parts.append(ahead.data)
@@ -363,6 +353,9 @@ class NativeResponse:
                 raise UpstreamError("The upstream stream broke off.")
 
 
+_UNBOUNDED = contextlib.nullcontext()
+
+
 async def _receive(conn: Conn, read_s: float) -> bytes:
     """The next bytes from the upstream (b"" at EOF), within ``read_s``.
 
@@ -371,17 +364,8 @@ async def _receive(conn: Conn, read_s: float) -> bytes:
     ``receive_some`` does) would only cost a failed syscall.
     """
     raw = conn.raw
-    if read_s == math.inf and raw is not None and not conn.tls:  # the caller's scope bounds it
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    return raw.recv(RECEIVE_BYTES)
-                except BlockingIOError:
-                    continue
-        except OSError as exc:
-            raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
-    with trio.move_on_after(read_s):
+    # read_s is infinite when the caller's own scope bounds the whole answer: no timer.
+    with _UNBOUNDED if read_s == math.inf else trio.move_on_after(read_s):
         try:
             if raw is None or conn.tls:
                 return await conn.stream.receive_some(RECEIVE_BYTES)

@@ -100,17 +100,21 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")
 _SUPPORTED_VERSIONS = (b"1.0", b"1.1")
 
 
-def _head_lines(raw: bytes | bytearray | None) -> list[bytes] | None:
-    """The lines of the head at the start of ``raw`` (request line first, CRLF-split),
-    or None when it is not framed by CRLF only: a bare LF, or a bare CR."""
-    if raw is None:
-        return None
-    m = _BLANK_LINE.search(raw)
-    region = bytes(raw[:m.start() + 1] if m else raw)
+def _crlf_head(raw: bytes | bytearray, end: re.Match[bytes] | None) -> bytes | None:
+    """The head at the start of ``raw`` (up to the blank line ``end``, if found), or
+    None when it is not framed by CRLF only: a bare LF, or a bare CR."""
+    region = bytes(raw[:end.start() + 1] if end else raw)
     crlf = region.count(b"\r\n")
     if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
         return None
-    return region.split(b"\r\n")
+    return region
+
+
+def _head_lines(raw: bytes | bytearray | None) -> list[bytes] | None:
+    """The lines of the head at the start of ``raw`` (request line first, CRLF-split),
+    or None when it is not framed by CRLF only."""
+    region = None if raw is None else _crlf_head(raw, _BLANK_LINE.search(raw))
+    return None if region is None else region.split(b"\r\n")
 
 
 def _fields(lines: list[bytes], name: bytes) -> list[bytes]:
@@ -219,11 +223,10 @@ class H1Connection:
         if has_te and event.http_version == b"1.0":
             # RFC 9112 §6.1: HTTP/1.0 has no chunked framing; the message is faulty.
             raise ProtocolError(400, "Transfer-Encoding is not allowed in HTTP/1.0.")
-        # The same checks as on _head_lines' lines, on the bytes at once (C speed): a
-        # header line starts right after a CRLF, and no line holds a bare CR or LF.
-        region = bytes(raw[:end.start() + 1])  # type: ignore[index]
-        crlf = region.count(b"\r\n")
-        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+        # Checked on the bytes at once (C speed), not line by line: a header line
+        # starts right after a CRLF, and no line holds a bare CR or LF.
+        region = _crlf_head(raw, end)  # type: ignore[arg-type]
+        if region is None:
             raise ProtocolError(400, "Header lines must end with CRLF (no bare CR or LF).")
         if b"\r\n " in region or b"\r\n\t" in region:
             raise ProtocolError(400, "Obsolete line folding in headers is not allowed.")
