@@ -363,7 +363,9 @@ class Pipeline:
             parser = native.SSEParser()
             relay = _Relay(call, a, observe)
             first.clear()
-            chunks = a.resp.chunks()
+            # An idle worker sends the first event before it decodes the rest; a busy
+            # one relays what arrived together in one write (Responder.alone).
+            chunks = a.resp.chunks(first_alone=responder.alone)
             attempt.push_async_callback(chunks.aclose)  # type: ignore[attr-defined]
             try:
                 async for chunk in chunks:

@@ -330,22 +330,25 @@ class NativeResponse:
                 raise UpstreamError("The upstream closed the connection mid-response.")
         return b"".join(parts)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, first_alone: bool = False) -> AsyncIterator[bytes]:
         """The body as it arrives.  Close the iterator (``aclose``) when done with it.
 
         Every piece of body already read comes as one chunk: an SSE stream is sent one
         event per HTTP chunk, and relaying what arrived together in one go saves a
-        write to the client per event."""
+        write to the client per event.  With ``first_alone`` the first piece comes on
+        its own (its event can go out before the rest is decoded)."""
+        alone = first_alone
         while not self._ended:
             event = await self._event()
             if type(event) is h11.Data:
                 data = event.data
                 parts = None
-                while type(ahead := self._ahead()) is h11.Data:
+                while not alone and type(ahead := self._ahead()) is h11.Data:
                     self._next = None
                     if parts is None:
                         parts = [data]
                     parts.append(ahead.data)
+                alone = False
                 yield data if parts is None else b"".join(parts)
             elif type(event) is h11.EndOfMessage:
                 self._ended = True

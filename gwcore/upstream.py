@@ -72,8 +72,9 @@ class UpstreamResponse:
         """True when the body's end is known to be read (httpx does not tell early)."""
         return False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives.  Close the iterator (``aclose``) when done with it."""
+    async def chunks(self, first_alone: bool = False) -> AsyncIterator[bytes]:
+        """The body as it arrives, piece by piece (so ``first_alone`` always holds).
+        Close the iterator (``aclose``) when done with it."""
         try:
             async with aclosing(self._response.aiter_raw()) as raw:
                 async for chunk in raw:
@@ -130,7 +131,7 @@ class MockResponse:
     def at_end(self) -> bool:
         return False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, first_alone: bool = False) -> AsyncIterator[bytes]:
         for i, part in enumerate(self._parts):
             if i and self._gap_s:
                 await trio.sleep(self._gap_s)

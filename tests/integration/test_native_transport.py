@@ -338,3 +338,21 @@ async def test_an_egress_proxy_sends_native_deployments_through_httpx(monkeypatc
         direct = up.open(request("https://127.0.0.1:9/v1/chat/completions"), Timeouts())
         proxied = up.open(request("https://api.openai.com/v1/chat/completions"), Timeouts())
         assert isinstance(direct, Exchange) and not isinstance(proxied, Exchange)
+
+
+@pytest.mark.parametrize("first_alone", [False, True])
+async def test_body_read_together_comes_as_one_chunk_or_first_alone(make_pools,
+                                                                   first_alone) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    events = [b'data: {"n":%d}\n\n' % i for i in range(4)]
+    whole = head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    pools = make_pools()
+    async with trio.open_nursery() as nursery:
+        server = await serve(nursery, Scripted(lambda n: (whole, False)))
+        async with pools.exchange("POST", server.url(), [], b"{}", 2, 60) as resp:
+            got = [chunk async for chunk in resp.chunks(first_alone=first_alone)]
+        # Every event arrived in one read: relayed in one piece (one write to the
+        # client), or with first_alone (an idle worker) the first on its own.
+        assert got == ([events[0], b"".join(events[1:])] if first_alone
+                       else [b"".join(events)])
+        nursery.cancel_scope.cancel()
