@@ -9,7 +9,7 @@
   so a target that falls behind shows it in the achieved rate, not in the percentiles
   (coordinated omission: compare achieved to asked before reading them).
 - ``stream_timings``: one keep-alive connection, c=1, timing the first SSE event and the
-  end of each streamed response (what load.py's ``measure_ttfb_raw`` does, plus the end).
+  end of each streamed response (``load.timed_streams``, also behind load.py's ``measure_ttfb_raw``).
 - ``slow_streams``: thousands of concurrent streams on asyncio (one connection each),
   opened at a steady rate, each timed to its first event and to its end; a callback
   samples the target's memory while they are open.
@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import time
@@ -29,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from benchmarks.load import BenchError
+from benchmarks.load import BenchError, timed_streams
 
 # wrk's own default (2 s) would count a slow stream as a timeout error.
 WRK_TIMEOUT = "30s"
@@ -240,64 +238,9 @@ class StreamSample:
 def stream_timings(url: str, key: str, body: bytes, n: int, warmup: int = 10) -> list[StreamSample]:
     """``n`` streamed requests, one after another on one keep-alive connection (c=1)."""
     host, port, request = _request_bytes(url, key, body)
-    samples: list[StreamSample] = []
-    sock: socket.socket | None = None
-    try:
-        for i in range(warmup + n):
-            if sock is None:
-                sock = socket.create_connection((host, port), timeout=30)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            started = time.perf_counter()
-            sock.sendall(request)
-            buf = b""
-            first: float | None = None
-            head_end = -1
-            chunked, length, close = False, None, False
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    if head_end >= 0 and not chunked and length is None:
-                        close = True
-                        break
-                    raise BenchError(f"{url}: connection closed mid-response: {buf[:500]!r}")
-                buf += data
-                if head_end < 0:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        continue
-                    head_end = end + 4
-                    head = buf[:end].decode("latin-1").lower()
-                    status = head.split(" ", 2)[1] if " " in head else "?"
-                    if status != "200":
-                        raise BenchError(f"{url}: stream request answered {status}: {buf[:500]!r}")
-                    chunked = "transfer-encoding: chunked" in head
-                    found = re.search(r"^content-length:\s*(\d+)", head, re.M)
-                    length = int(found.group(1)) if found else None
-                    close = "connection: close" in head
-                if first is None and b"data:" in buf[head_end:]:
-                    first = time.perf_counter()
-                if length is not None and len(buf) - head_end >= length:
-                    break
-                if chunked and buf.endswith(b"0\r\n\r\n") and (len(buf) - 5 == head_end or buf[-7:-5] == b"\r\n"):
-                    break
-            ended = time.perf_counter()
-            if i >= warmup:
-                payload = buf[head_end:]
-                samples.append(StreamSample(
-                    ttfb_ms=((first or ended) - started) * 1000,
-                    total_ms=(ended - started) * 1000,
-                    events=payload.count(b"data:"),
-                    body_bytes=len(payload),
-                ))
-            if close:
-                sock.close()
-                sock = None
-    except OSError as exc:
-        raise BenchError(f"{url}: stream client failed: {exc!r}") from exc
-    finally:
-        if sock is not None:
-            sock.close()
-    return samples
+    return [StreamSample(ttfb_ms=first, total_ms=total, events=payload.count(b"data:"),
+                         body_bytes=len(payload))
+            for first, total, payload in timed_streams(url, host, port, request, n, warmup)]
 
 
 # -- many slow streams at once ------------------------------------------------

@@ -270,6 +270,62 @@ def _response_done(buf: bytes, head_end: int, chunked: bool, length: int | None)
     return False  # close-delimited: read to EOF
 
 
+def timed_streams(label: str, host: str, port: int, request: bytes, n: int,
+                  warmup: int) -> list[tuple[float, float, bytes]]:
+    """``request`` sent ``warmup + n`` times, one after another on one keep-alive
+    connection (c=1, a raw socket: no client library in the figures); for each of the
+    last ``n``: ms to the first SSE event's first bytes, ms to the end, and the body."""
+    out: list[tuple[float, float, bytes]] = []
+    sock: socket.socket | None = None
+    try:
+        for i in range(warmup + n):
+            if sock is None:
+                sock = socket.create_connection((host, port), timeout=30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started = time.perf_counter()
+            sock.sendall(request)
+            buf, first, head_end = b"", None, -1
+            chunked, length, close = False, None, False
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    if head_end >= 0 and not chunked and length is None:
+                        close = True
+                        break
+                    raise BenchError(f"{label}: connection closed mid-response: {buf[:500]!r}")
+                buf += data
+                if head_end < 0:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        continue
+                    head_end = end + 4
+                    head = buf[:end].decode("latin-1").lower()
+                    status = head.split(" ", 2)[1] if " " in head else "?"
+                    if status != "200":
+                        raise BenchError(f"{label}: stream request answered {status}: {buf[:500]!r}")
+                    chunked = "transfer-encoding: chunked" in head
+                    found = re.search(r"^content-length:\s*(\d+)", head, re.M)
+                    length = int(found.group(1)) if found else None
+                    close = "connection: close" in head
+                if first is None and b"data:" in buf[head_end:]:
+                    first = time.perf_counter()
+                if _response_done(buf, head_end, chunked, length):
+                    break
+            ended = time.perf_counter()
+            if i >= warmup:
+                out.append((((first or ended) - started) * 1000, (ended - started) * 1000,
+                            buf[head_end:]))
+            if close:
+                sock.close()
+                sock = None
+    except OSError as exc:
+        raise BenchError(f"{label}: stream client failed: {exc!r}") from exc
+    finally:
+        if sock is not None:
+            sock.close()
+    return out
+
+
 def measure_ttfb(endpoint: Endpoint, n: int) -> TtfbRun:
     """Time from sending a streaming request to the first body byte of its first SSE event.
 
@@ -292,52 +348,7 @@ def measure_ttfb_raw(label: str, url: str, path: str, headers: dict[str, str], b
         f"Content-Type: application/json\r\n"
         f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    samples: list[float] = []
-    sock: socket.socket | None = None
-    try:
-        for i in range(TTFB_WARMUP + n):
-            if sock is None:
-                sock = socket.create_connection((host, port), timeout=30)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            started = time.perf_counter()
-            sock.sendall(request)
-            buf, first, head_end = b"", None, -1
-            chunked, length, close = False, None, False
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    if first is not None and not chunked and length is None:
-                        close = True
-                        break
-                    raise BenchError(f"{endpoint.label}: connection closed mid-response: {buf[:500]!r}")
-                buf += data
-                if head_end < 0:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        continue
-                    head_end = end + 4
-                    head = buf[:end].decode("latin-1").lower()
-                    status = head.split(" ", 2)[1] if " " in head else "?"
-                    if status != "200":
-                        raise BenchError(f"{endpoint.label}: stream request answered {status}: {buf[:500]!r}")
-                    chunked = "transfer-encoding: chunked" in head
-                    found = re.search(r"^content-length:\s*(\d+)", head, re.M)
-                    length = int(found.group(1)) if found else None
-                    close = "connection: close" in head
-                if first is None and b"data:" in buf[head_end:]:
-                    first = time.perf_counter() - started
-                if first is not None and _response_done(buf, head_end, chunked, length):
-                    break
-            if i >= TTFB_WARMUP:
-                samples.append(first * 1000)
-            if close:
-                sock.close()
-                sock = None
-    except OSError as exc:
-        raise BenchError(f"{endpoint.label}: time-to-first-byte client failed: {exc!r}") from exc
-    finally:
-        if sock is not None:
-            sock.close()
+    samples = [first for first, _, _ in timed_streams(endpoint.label, host, port, request, n, TTFB_WARMUP)]
     return TtfbRun(
         label=endpoint.label,
         url=endpoint.url,
