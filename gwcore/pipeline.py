@@ -205,8 +205,9 @@ class Pipeline:
     async def _try_whole(self, call: Call, r: Route, index: int,
                          out: Outcome) -> tuple[bytes | Any, Deployment]:
         """One try for a whole (unstreamed) answer: the exchange and the body under one
-        cancel scope (the first-byte timeout, then the whole timeout for the body), the
-        connection back in its pool before the answer is parsed.  An answer that is not
+        cancel scope (the first-byte timeout until the head, and ``timeout_s``, the
+        deployment's total per attempt, from the request's start to the end of the
+        body), the connection back in its pool before the answer is parsed.  An answer that is not
         valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
         dep, ureq, passthrough, timeout_s, first_byte_s, health = \
             self._begin(call, r, index, out)
@@ -214,12 +215,14 @@ class Pipeline:
         status = 0
         try:
             data = None
-            with trio.CancelScope(deadline=trio.current_time() + first_byte_s) as scope:
+            start = trio.current_time()
+            with trio.CancelScope(deadline=start + first_byte_s) as scope:
                 async with self.upstreams.open(
                         ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
                                        read_s=timeout_s, whole=True),
                         self.router.transport(dep)) as resp:
-                    scope.deadline = trio.current_time() + timeout_s
+                    if first_byte_s < timeout_s:  # moving a deadline costs: only if it moves
+                        scope.deadline = start + timeout_s
                     data = await resp.read()
             if data is None:
                 raise UpstreamTimeout()

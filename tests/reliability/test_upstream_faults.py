@@ -191,6 +191,26 @@ async def test_a_non_streaming_fault_ends_in_its_error_or_a_failover(
             assert faulty.requests_total >= 1  # the fault really happened
 
 
+@pytest.mark.parametrize(("delay_s", "status"), [(0.1, 200), (0.35, 504)])
+async def test_timeout_s_bounds_a_whole_answer_from_the_request_s_start(
+        gateway_factory, transport, delay_s, status):
+    """``timeout_s`` is the total per attempt: a head in time for the first-byte
+    timeout (0.4 s) does not restart it.  The head and half the body come after
+    ``delay_s``, the rest ``delay_s`` later: 0.2 s in all is within 0.6 s; 0.7 s is not,
+    though every wait is shorter than both timeouts (the total used to count from the
+    head, so that answer went through)."""
+    async with fault_stack(gateway_factory, transport, "drip", first_byte_delay_s=delay_s,
+                           timeouts={"timeout_s": 0.6, "first_byte_s": 0.4}) as \
+            (gw, h, faulty, healthy):
+        a = await chat(h, gw.url, KEY, "solo")
+        if status == 200:
+            assert a.status == 200, (a.status, a.raw[:300])
+            assert a.json()["object"] == "chat.completion"
+        else:
+            assert_openai_error(a, 504, "upstream_timeout")
+        assert faulty.requests_total >= 1
+
+
 @pytest.mark.parametrize(("fault", "route"), cases(stream=True))
 async def test_a_streaming_fault_ends_in_its_error_a_failover_or_an_error_event(
         gateway_factory, transport, fault, route):

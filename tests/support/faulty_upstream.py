@@ -20,6 +20,10 @@ body that never ends, a reset), which an HTTP library would not let us write.
                 sent, then close (FIN)                  the next, then FIN (no last chunk)
     slow        nothing for ``first_byte_delay_s``,     the same
                 then as ``ok``
+    drip        after ``first_byte_delay_s`` the head   as ``slow``
+                and half the body, the rest as long
+                again later (each wait within a read
+                timeout, the whole beyond a total one)
     status      ``status`` (default 429) with OpenAI's  the same
                 error body, ``retry-after`` when
                 ``retry_after`` is set
@@ -31,7 +35,8 @@ fail over; 1 or more breaks after the first byte went on to the client.
 Connection refused needs no server: ``closed_port()`` is a port bound but never listening.
 
 Observations: ``counts`` (requests per path), ``connections_open``, ``connections_total``,
-``requests_total``.  Only ``ok``, ``slow`` and ``status`` keep a connection alive.
+``requests_total``.  Only ``ok``, ``slow``, ``drip`` and ``status`` keep a connection
+alive.
 
 ``python -m tests.support.faulty_upstream --mode status --status 500 [--port 0]`` serves
 one mode standalone (the soak benchmark uses it) and prints
@@ -54,7 +59,7 @@ import h11
 import orjson
 import trio
 
-MODES = ("ok", "reset", "stall", "garbage", "truncated", "slow", "status")
+MODES = ("ok", "reset", "stall", "garbage", "truncated", "slow", "drip", "status")
 REPLY = "Hello from the faulty upstream when it behaves."
 # What a misconfigured proxy or a captive portal answers instead of an event stream.
 GARBAGE = (b"<html><head><title>502 Bad Gateway</title></head>\r\n"
@@ -188,7 +193,7 @@ class FaultyUpstream:
         options = req.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         mode = self.mode
-        if mode == "slow":
+        if mode == "slow" or mode == "drip" and streaming:
             if not await _sleep_unless_eof(stream, self.first_byte_delay_s):
                 return False
             mode = "ok"
@@ -205,6 +210,14 @@ class FaultyUpstream:
             half = data[: len(data) // 2]
             if mode == "ok":
                 await stream.send_all(_head(200, "application/json", len(data)) + data)
+                return True
+            if mode == "drip":
+                if not await _sleep_unless_eof(stream, self.first_byte_delay_s):
+                    return False
+                await stream.send_all(_head(200, "application/json", len(data)) + half)
+                if not await _sleep_unless_eof(stream, self.first_byte_delay_s):
+                    return False
+                await stream.send_all(data[len(half):])
                 return True
             if mode == "reset":
                 await stream.send_all(_head(200, "application/json", len(data)) + half)
