@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from benchmarks.load import BenchError, timed_streams
+from benchmarks.load import BenchError, stream_request, timed_streams
 
 # wrk's own default (2 s) would count a slow stream as a timeout error.
 WRK_TIMEOUT = "30s"
@@ -218,13 +218,8 @@ def distribution(samples_ms: list[float]) -> dict[str, float | None]:
 
 
 def _request_bytes(url: str, key: str, body: bytes) -> tuple[str, int, bytes]:
-    split = urlsplit(url)
-    host, port = split.hostname or "127.0.0.1", split.port or 80
-    path = split.path.rstrip("/") + "/chat/completions"
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return host, port, head.encode() + body
+    path = urlsplit(url).path.rstrip("/") + "/chat/completions"
+    return stream_request(url, path, {"Authorization": f"Bearer {key}"}, body)
 
 
 @dataclass

@@ -270,6 +270,21 @@ def _response_done(buf: bytes, head_end: int, chunked: bool, length: int | None)
     return False  # close-delimited: read to EOF
 
 
+def stream_request(url: str, path: str, headers: dict[str, str],
+                   body: bytes) -> tuple[str, int, bytes]:
+    """(host, port, the bytes of a streaming JSON POST of ``body`` to ``path`` on
+    ``url``'s host, with ``headers``), for ``timed_streams``."""
+    split = urlsplit(url)
+    host, port = split.hostname or "127.0.0.1", split.port or 80
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
+        f"Content-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    return host, port, request
+
+
 def timed_streams(label: str, host: str, port: int, request: bytes, n: int,
                   warmup: int) -> list[tuple[float, float, bytes]]:
     """``request`` sent ``warmup + n`` times, one after another on one keep-alive
@@ -339,19 +354,11 @@ def measure_ttfb(endpoint: Endpoint, n: int) -> TtfbRun:
 def measure_ttfb_raw(label: str, url: str, path: str, headers: dict[str, str], body: bytes,
                      n: int) -> TtfbRun:
     """``measure_ttfb`` for any streaming POST: ``path`` (with its query) on ``url``'s host."""
-    endpoint = Endpoint(label, url, "")
-    split = urlsplit(url)
-    host, port = split.hostname or "127.0.0.1", split.port or 80
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
-        f"Content-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    samples = [first for first, _, _ in timed_streams(endpoint.label, host, port, request, n, TTFB_WARMUP)]
+    host, port, request = stream_request(url, path, headers, body)
+    samples = [first for first, _, _ in timed_streams(label, host, port, request, n, TTFB_WARMUP)]
     return TtfbRun(
-        label=endpoint.label,
-        url=endpoint.url,
+        label=label,
+        url=url,
         requests=len(samples),
         p50_ms=_percentile(samples, 50),
         p99_ms=_percentile(samples, 99),

@@ -193,7 +193,7 @@ class FaultyUpstream:
         options = req.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         mode = self.mode
-        if mode == "slow" or mode == "drip" and streaming:
+        if mode == "slow" or (mode == "drip" and streaming):
             if not await _sleep_unless_eof(stream, self.first_byte_delay_s):
                 return False
             mode = "ok"
