@@ -209,13 +209,12 @@ class Pipeline:
         deployment's total per attempt, from the request's start to the end of the
         body), the connection back in its pool before the answer is parsed.  An answer that is not
         valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
-        dep, ureq, passthrough, timeout_s, first_byte_s, health = \
+        dep, ureq, passthrough, timeout_s, first_byte_s, health, start = \
             self._begin(call, r, index, out)
         error: GatewayError
         status = 0
         try:
             data = None
-            start = trio.current_time()
             with trio.CancelScope(deadline=start + first_byte_s) as scope:
                 async with self.upstreams.open(
                         ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
@@ -240,18 +239,20 @@ class Pipeline:
         raise self._failed(error, status, health, r)
 
     def _begin(self, call: Call, r: Route, index: int, out: Outcome
-               ) -> tuple[Deployment, UpstreamRequest, bool, float, float, DeploymentHealth]:
+               ) -> tuple[Deployment, UpstreamRequest, bool, float, float, DeploymentHealth,
+                          float]:
         """What a try of either kind starts with: its deployment, the request for it
         (and whether it passes through untranslated), its total and first-byte
-        timeouts, and the router's note that it is under way."""
+        timeouts, the router's note that it is under way, and when it started."""
         dep = r.deployments[index]
         out.attempts += 1
         out.provider, out.upstream_model = dep.provider, dep.model
         ureq, passthrough = self._build(call, dep)
         timeout_s = clamp_timeout(dep.timeout_s or r.timeout_s, call.timeout_hint)
         first_byte_s = min(r.first_byte_timeout_s or timeout_s, timeout_s)
+        now = trio.current_time()
         return dep, ureq, passthrough, timeout_s, first_byte_s, \
-            self.router.started(r, index, trio.current_time())
+            self.router.started(r, index, now), now
 
     def _failed(self, error: GatewayError, status: int, health: DeploymentHealth,
                 r: Route) -> "_Failure":
@@ -264,7 +265,7 @@ class Pipeline:
                    stack: AsyncExitStack, prime: "Prime") -> Attempt:
         """One try for a stream: the first event read (``prime``) inside the try, the
         response left open in ``stack`` for the relay."""
-        dep, ureq, passthrough, timeout_s, first_byte_s, health = \
+        dep, ureq, passthrough, timeout_s, first_byte_s, health, _ = \
             self._begin(call, r, index, out)
         attempt = AsyncExitStack()
         attempt.callback(self.router.finished, health)
@@ -300,8 +301,7 @@ class Pipeline:
         raise self._failed(error, status, health, r)
 
     def _build(self, call: Call, dep: Deployment) -> tuple[UpstreamRequest, bool]:
-        base = self.router.base_url(dep)
-        key = self.router.api_key(dep)
+        base, key = self.router.endpoint(dep)
         if call.kind == "embeddings" or call.kind == "responses":
             if dep.provider not in registry.OPENAI_FAMILY:
                 raise InvalidRequest(f"'{call.kind}' is only served by OpenAI-compatible "

@@ -418,7 +418,16 @@ def _reset(tokens: float, cap: float, rate: float) -> float:
     return _INF if rate == 0.0 else (cap - tokens) / rate
 
 
+_HEADER_NAMES = {what: tuple(b"x-ratelimit-%s-%s" % (part, what.encode())
+                            for part in (b"limit", b"remaining", b"reset"))
+                 for what in ("requests", "tokens")}
+
+
 def _headers(what: str, limit: float, remaining: float, reset_s: float) -> list[tuple[bytes, bytes]]:
-    return [(b"x-ratelimit-limit-" + what.encode(), b"%d" % int(limit)),
-            (b"x-ratelimit-remaining-" + what.encode(), b"%d" % max(0, math.floor(remaining))),
-            (b"x-ratelimit-reset-" + what.encode(), format_duration(reset_s).encode())]
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[what]
+    # The reset of a bucket that refills within a second (the usual case), inline.
+    reset = b"%dms" % math.ceil(reset_s * 1000) if 0.001 <= reset_s < 1 \
+        else format_duration(reset_s).encode()
+    return [(limit_name, b"%d" % limit),
+            (remaining_name, b"%d" % (remaining if remaining > 0 else 0)),
+            (reset_name, reset)]

@@ -78,7 +78,7 @@ class DeploymentHealth:
         return "open" if now < self.open_until or self.probing else "half_open"
 
     def available(self, now: float) -> bool:
-        return self.state(now) != "open"
+        return self.open_until is None or self.state(now) != "open"
 
 
 def deployment_id(route: str, index: int, dep: Deployment) -> str:
@@ -96,6 +96,10 @@ class Router:
                        for m in cfg.models}
         self._implicit: dict[str, Route | None] = {}
         self.health: dict[str, DeploymentHealth] = {}
+        # (id(route), index) -> (route, its health): health_of without building the
+        # deployment's id each time; the route is kept to tell a reused id apart.
+        self._health_at: dict[tuple[int, int], tuple[Route, DeploymentHealth]] = {}
+        self._endpoints: dict[int, tuple[Deployment, str, str | None]] = {}
 
     # -- resolving ----------------------------------------------------------------
     def resolve(self, model: str) -> Route | None:
@@ -126,6 +130,17 @@ class Router:
     def named_models(self) -> list[str]:
         return list(self._named)
 
+    def endpoint(self, dep: Deployment) -> tuple[str, str | None]:
+        """The deployment's base URL and API key (looked up once per deployment)."""
+        hit = self._endpoints.get(id(dep))
+        if hit is not None and hit[0] is dep:
+            return hit[1], hit[2]
+        base, key = self.base_url(dep), self.api_key(dep)
+        if len(self._endpoints) >= 20_000:  # deployments of unknown models come and go
+            self._endpoints.clear()
+        self._endpoints[id(dep)] = (dep, base, key)
+        return base, key
+
     def base_url(self, dep: Deployment) -> str:
         creds = self._cfg.provider(dep.provider)
         return (dep.base_url or creds.base_url or DEFAULT_BASE_URLS[dep.provider]).rstrip("/")
@@ -141,16 +156,26 @@ class Router:
 
     # -- picking ------------------------------------------------------------------
     def health_of(self, route: Route, index: int) -> DeploymentHealth:
+        hit = self._health_at.get((id(route), index))
+        if hit is not None and hit[0] is route:
+            return hit[1]
         dep = route.deployments[index]
         key = deployment_id(route.name, index, dep)
         h = self.health.get(key)
         if h is None:
             h = self.health[key] = DeploymentHealth(key, route.cooldown_s)
+        if len(self._health_at) >= 20_000:  # routes of unknown models come and go
+            self._health_at.clear()
+        self._health_at[(id(route), index)] = (route, h)
         return h
 
     def pick(self, route: Route, now: float, rng: random.Random,
              exclude: set[int]) -> int | None:
         """Index of the deployment to try next, or None if none is available."""
+        if len(route.deployments) == 1:  # nothing to weigh
+            if 0 in exclude or not self.health_of(route, 0).available(now):
+                return None
+            return 0
         best, best_score = None, -1.0
         for i, dep in enumerate(route.deployments):
             if i in exclude:
@@ -173,7 +198,7 @@ class Router:
         h = self.health_of(route, index)
         h.in_flight += 1
         h.requests_total += 1
-        if h.state(now) == "half_open":
+        if h.open_until is not None and h.state(now) == "half_open":
             h.probing = True
         return h
 

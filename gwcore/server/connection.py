@@ -442,8 +442,9 @@ async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
     in_head = first or not idle
     # Nothing buffered: h11 would only say NEED_DATA (a call that costs microseconds).
     empty = first or idle
-    conn.deadline = trio.current_time() + (limits.header_timeout_s if in_head
-                                           else limits.keepalive_timeout_s)
+    # The phase's timeout, set as the deadline when the phase first waits for bytes: a
+    # request that arrives whole reads the clock once.
+    timeout_s: float | None = limits.header_timeout_s if in_head else limits.keepalive_timeout_s
     conn.idle = not in_head
     head: RequestHead | None = None
     chunks: list[bytes] = []
@@ -454,6 +455,9 @@ async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
             else:
                 event = h1.next_event()
             if event is NEED_DATA:
+                if timeout_s is not None:
+                    conn.deadline = trio.current_time() + timeout_s
+                    timeout_s = None
                 data = await _receive(stream, raw, wait_first=not in_head)
                 if not data:
                     if head is None and h1.idle:
@@ -465,11 +469,11 @@ async def _read_request(stream: trio.SocketStream, raw: Any, h1: H1Connection,
                     # and a drain no longer counts this connection as idle.
                     in_head = True
                     conn.idle = False
-                    conn.deadline = trio.current_time() + limits.header_timeout_s
+                    timeout_s = limits.header_timeout_s
                 h1.receive_data(data)
             elif type(event) is RequestHead:
                 head = event
-                conn.deadline = trio.current_time() + limits.body_timeout_s
+                timeout_s = limits.body_timeout_s
             elif type(event) is BodyChunk:
                 chunks.append(event.data)  # type: ignore[union-attr]
             elif event is END_OF_BODY:

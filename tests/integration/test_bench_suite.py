@@ -53,40 +53,42 @@ def fast_mock() -> Iterator[str]:
 
 
 def test_the_fast_mock_answers_the_official_openai_sdk(fast_mock: str) -> None:
-    client = openai.OpenAI(base_url=fast_mock, api_key="sk-test", max_retries=0)
-    messages: Any = [{"role": "user", "content": "Say hello, twice."}]
+    # Closed at the end: its pooled socket, left to the garbage collector, would fail
+    # a later test with a ResourceWarning.
+    with openai.OpenAI(base_url=fast_mock, api_key="sk-test", max_retries=0) as client:
+        messages: Any = [{"role": "user", "content": "Say hello, twice."}]
 
-    first = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-    second = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-    assert first.object == "chat.completion" and first.model == "gpt-4o-mini"
-    assert first.choices[0].message.content == DEFAULT_REPLY
-    assert first.choices[0].finish_reason == "stop"
-    assert first.usage is not None and first.usage.completion_tokens == 9
-    assert first.usage.total_tokens == first.usage.prompt_tokens + 9
-    assert first.id != second.id  # answers are rendered once, ids stay unique
+        first = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        second = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        assert first.object == "chat.completion" and first.model == "gpt-4o-mini"
+        assert first.choices[0].message.content == DEFAULT_REPLY
+        assert first.choices[0].finish_reason == "stop"
+        assert first.usage is not None and first.usage.completion_tokens == 9
+        assert first.usage.total_tokens == first.usage.prompt_tokens + 9
+        assert first.id != second.id  # answers are rendered once, ids stay unique
 
-    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True,
-                                                 stream_options={"include_usage": True}))
-    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEFAULT_REPLY
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 9
-    assert all(c.usage is None for c in chunks[:-1])
+        chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEFAULT_REPLY
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 9
+        assert all(c.usage is None for c in chunks[:-1])
 
-    # Knobs in the model name: 3 words, paced at 50 tokens/s (3 intervals of 20 ms).
-    started = time.monotonic()
-    paced = list(client.chat.completions.create(model="gpt-4o-mini@tps=50,words=3", messages=messages,
-                                                stream=True))
-    assert time.monotonic() - started >= 0.05
-    assert "".join(c.choices[0].delta.content or "" for c in paced) == " ".join(DEFAULT_REPLY.split()[:3])
-    assert paced[0].model == "gpt-4o-mini@tps=50,words=3"
+        # Knobs in the model name: 3 words, paced at 50 tokens/s (3 intervals of 20 ms).
+        started = time.monotonic()
+        paced = list(client.chat.completions.create(model="gpt-4o-mini@tps=50,words=3", messages=messages,
+                                                    stream=True))
+        assert time.monotonic() - started >= 0.05
+        assert "".join(c.choices[0].delta.content or "" for c in paced) == " ".join(DEFAULT_REPLY.split()[:3])
+        assert paced[0].model == "gpt-4o-mini@tps=50,words=3"
 
-    embedded = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
-    assert [e.embedding for e in embedded.data] == [pytest.approx(embedding_for("a")),
-                                                   pytest.approx(embedding_for("b"))]
-    assert {m.id for m in client.models.list()} >= {"gpt-4o-mini", "text-embedding-3-small"}
-    assert client.responses.create(model="gpt-4o-mini", input="hi").output_text == DEFAULT_REPLY
+        embedded = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+        assert [e.embedding for e in embedded.data] == [pytest.approx(embedding_for("a")),
+                                                       pytest.approx(embedding_for("b"))]
+        assert {m.id for m in client.models.list()} >= {"gpt-4o-mini", "text-embedding-3-small"}
+        assert client.responses.create(model="gpt-4o-mini", input="hi").output_text == DEFAULT_REPLY
 
 
 def test_the_fast_mock_ends_streams_with_done_and_answers_pipelined_requests(fast_mock: str) -> None:
