@@ -301,7 +301,8 @@ class Pipeline:
         raise self._failed(error, status, health, r)
 
     def _build(self, call: Call, dep: Deployment) -> tuple[UpstreamRequest, bool]:
-        base, key = self.router.endpoint(dep)
+        base = self.router.base_url(dep)
+        key = self.router.api_key(dep)
         if call.kind == "embeddings" or call.kind == "responses":
             if dep.provider not in registry.OPENAI_FAMILY:
                 raise InvalidRequest(f"'{call.kind}' is only served by OpenAI-compatible "

@@ -425,9 +425,6 @@ _HEADER_NAMES = {what: tuple(b"x-ratelimit-%s-%s" % (part, what.encode())
 
 def _headers(what: str, limit: float, remaining: float, reset_s: float) -> list[tuple[bytes, bytes]]:
     limit_name, remaining_name, reset_name = _HEADER_NAMES[what]
-    # The reset of a bucket that refills within a second (the usual case), inline.
-    reset = b"%dms" % math.ceil(reset_s * 1000) if 0.001 <= reset_s < 1 \
-        else format_duration(reset_s).encode()
     return [(limit_name, b"%d" % limit),
             (remaining_name, b"%d" % (remaining if remaining > 0 else 0)),
-            (reset_name, reset)]
+            (reset_name, format_duration(reset_s).encode())]

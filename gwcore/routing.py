@@ -99,7 +99,6 @@ class Router:
         # (id(route), index) -> (route, its health): health_of without building the
         # deployment's id each time; the route is kept to tell a reused id apart.
         self._health_at: dict[tuple[int, int], tuple[Route, DeploymentHealth]] = {}
-        self._endpoints: dict[int, tuple[Deployment, str, str | None]] = {}
 
     # -- resolving ----------------------------------------------------------------
     def resolve(self, model: str) -> Route | None:
@@ -129,17 +128,6 @@ class Router:
 
     def named_models(self) -> list[str]:
         return list(self._named)
-
-    def endpoint(self, dep: Deployment) -> tuple[str, str | None]:
-        """The deployment's base URL and API key (looked up once per deployment)."""
-        hit = self._endpoints.get(id(dep))
-        if hit is not None and hit[0] is dep:
-            return hit[1], hit[2]
-        base, key = self.base_url(dep), self.api_key(dep)
-        if len(self._endpoints) >= 20_000:  # deployments of unknown models come and go
-            self._endpoints.clear()
-        self._endpoints[id(dep)] = (dep, base, key)
-        return base, key
 
     def base_url(self, dep: Deployment) -> str:
         creds = self._cfg.provider(dep.provider)

@@ -30,20 +30,6 @@ def _headers(api_key: str | None) -> list[tuple[str, str]]:
     return headers
 
 
-# (base URL, key) -> the chat URL and headers: the same for every request of a deployment.
-_chat_targets: dict[tuple[str, str | None], tuple[str, list[tuple[str, str]]]] = {}
-
-
-def _chat_target(base: str, api_key: str | None) -> tuple[str, list[tuple[str, str]]]:
-    hit = _chat_targets.get((base, api_key))
-    if hit is None:
-        if len(_chat_targets) >= 1024:
-            _chat_targets.clear()
-        hit = _chat_targets[(base, api_key)] = (join_url(base, "/chat/completions"),
-                                                _headers(api_key))
-    return hit
-
-
 def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | None,
                raw: bytes = b"") -> UpstreamRequest:
     """``raw``: the body's bytes as the client sent them, forwarded as they are when
@@ -53,9 +39,8 @@ def build_chat(body: dict[str, Any], dep: Deployment, base: str, api_key: str | 
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     if raw and body.get("model") == dep.model and (wants_usage or not stream):
-        url, headers = _chat_target(base, api_key)
-        # The cached list is shared: nothing downstream changes a request's headers.
-        return UpstreamRequest("POST", url, headers, raw, stream=stream)
+        return UpstreamRequest("POST", join_url(base, "/chat/completions"), _headers(api_key),
+                               raw, stream=stream)
     out = dict(body)
     out["model"] = dep.model
     injected = False
