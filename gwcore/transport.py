@@ -13,11 +13,14 @@ Timeouts: ``connect_s`` bounds waiting for a pool slot plus TCP connect plus the
 handshake; ``read_s`` bounds each wait for bytes (the first byte included); the total
 is the caller's (the pipeline wraps each attempt in ``trio.fail_after``).
 
-Stale connections: an idle connection the server closed is noticed before use (a
-non-blocking ``MSG_PEEK`` sees the EOF) and dropped.  A server that closes right after
-an answer without announcing it races that check; so when a reused connection fails
-before a single byte of the answer arrived, the request is sent once more on a fresh
-connection, whatever its method.  Decision: a server that read a whole request and
+Stale connections: a connection idle for ``peek_after_s`` (1 s) or more is checked
+before use (a non-blocking ``MSG_PEEK`` sees an EOF the server sent) and dropped if
+closed.  One reused sooner is not checked: the peek is a syscall per request, and
+servers close idle connections after seconds, not milliseconds.  A server that closes
+without announcing it races that check anyway (or closes within the second); so when a
+reused connection fails before a single byte of the answer arrived, the request is sent
+once more on a fresh connection, whatever its method.  A server that closed before the
+request went out never read it, so that resend duplicates nothing.  Decision: a server that read a whole request and
 closed without a byte of answer is far rarer than this race, and the pipeline would
 resend the request anyway (a connection error is retryable), only later and counted
 as a failed attempt of a healthy deployment.
@@ -122,15 +125,17 @@ def _plain(stream: trio.abc.Stream) -> trio.SocketStream:
 
 class OriginPool:
     __slots__ = ("target", "idle", "max_connections", "max_idle", "idle_expiry_s",
-                 "ssl_context", "open", "waiters", "_handoff", "_woken")
+                 "peek_after_s", "ssl_context", "open", "waiters", "_handoff", "_woken")
 
     def __init__(self, target: _Target, *, max_connections: int, max_idle: int,
-                 idle_expiry_s: float, ssl_context: ssl.SSLContext | None) -> None:
+                 idle_expiry_s: float, ssl_context: ssl.SSLContext | None,
+                 peek_after_s: float = 1.0) -> None:
         self.target = target
         self.idle: list[Conn] = []
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.idle_expiry_s = idle_expiry_s
+        self.peek_after_s = peek_after_s
         self.ssl_context = ssl_context
         self.open = 0                   # connections open, idle ones included
         self.waiters = trio.lowlevel.ParkingLot()
@@ -145,7 +150,8 @@ class OriginPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < self.idle_expiry_s and conn.alive():
+            idle_s = now - conn.idle_since
+            if idle_s < self.idle_expiry_s and (idle_s < self.peek_after_s or conn.alive()):
                 conn.reused = True
                 return conn
             self.discard(conn)
@@ -425,6 +431,7 @@ class Exchange:
             try:
                 return await self._send(pool, conn)
             except _Stale:
+                self.pools.stale_resends += 1
                 pool.discard(conn)
                 conn = None  # type: ignore[assignment]
                 conn = await pool.acquire(self.connect_s, fresh=True)
@@ -501,12 +508,16 @@ class NativePools:
     """Every origin's pool; closed with the app."""
 
     def __init__(self, *, max_connections: int = 1000, max_idle: int = 200,
-                 idle_expiry_s: float = 30.0) -> None:
+                 idle_expiry_s: float = 30.0, peek_after_s: float = 1.0) -> None:
         self.max_connections = max_connections
         self.max_idle = max_idle
         # 30 s: below the idle timeout of common servers and balancers (nginx 75 s,
         # AWS ALB 60 s), so we rarely find a connection the far side already closed.
         self.idle_expiry_s = idle_expiry_s
+        # 1 s: below the shortest idle timeouts in use (gunicorn's 2 s, uvicorn's and
+        # Node's 5 s), so a connection the server timed out is still seen before use.
+        self.peek_after_s = peek_after_s
+        self.stale_resends = 0  # requests sent again after a reused connection failed
         self._pools: dict[str, OriginPool] = {}
         self._targets: dict[str, tuple[_Target, OriginPool]] = {}
         self._fields: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
@@ -528,6 +539,7 @@ class NativePools:
         if pool is None:
             pool = OriginPool(target, max_connections=self.max_connections,
                               max_idle=self.max_idle, idle_expiry_s=self.idle_expiry_s,
+                              peek_after_s=self.peek_after_s,
                               ssl_context=self._ssl_context() if target.scheme == "https"
                               else None)
             self._pools[target.origin] = pool
@@ -561,7 +573,8 @@ class NativePools:
 
     def statistics(self) -> dict[str, int]:
         return {"upstream_connections": sum(p.open for p in self._pools.values()),
-                "upstream_connections_idle": sum(len(p.idle) for p in self._pools.values())}
+                "upstream_connections_idle": sum(len(p.idle) for p in self._pools.values()),
+                "upstream_stale_resends_total": self.stale_resends}
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -112,7 +112,8 @@ async def test_keep_alive_connections_are_reused(make_pools) -> None:
         for _ in range(20):
             assert await fetch(pools, server.url()) == (200, b'{"ok":true}')
         assert (server.connections, server.requests) == (1, 20)
-        assert pools.statistics() == {"upstream_connections": 1, "upstream_connections_idle": 1}
+        assert pools.statistics() == {"upstream_connections": 1, "upstream_connections_idle": 1,
+                                      "upstream_stale_resends_total": 0}
         pools.close()
         assert pools.statistics()["upstream_connections"] == 0
         nursery.cancel_scope.cancel()
@@ -134,15 +135,21 @@ async def test_connection_close_and_half_read_answers_are_not_reused(make_pools)
         nursery.cancel_scope.cancel()
 
 
-async def test_an_idle_connection_the_server_closed_is_not_used(make_pools) -> None:
+@pytest.mark.parametrize("peek_after_s", [0.0, 1.0])
+async def test_an_idle_connection_the_server_closed_is_not_used(peek_after_s: float,
+                                                                make_pools) -> None:
     # The server answers without announcing a close, then closes (an idle timeout).
-    pools = make_pools()
+    # Idle for peek_after_s or more, the peek finds the close before use; idle for less
+    # (1.0: the default, 50 ms here), the request fails on it and goes on a fresh one.
+    pools = make_pools(peek_after_s=peek_after_s)
     async with trio.open_nursery() as nursery:
         server = await serve(nursery, Scripted(lambda n: (OK, True)))
         for _ in range(5):
             assert await fetch(pools, server.url()) == (200, b'{"ok":true}')
             await trio.sleep(0.05)  # the FIN arrives while the connection is idle
-        assert server.connections == 5
+        assert (server.connections, server.requests) == (5, 5)
+        resends = pools.statistics()["upstream_stale_resends_total"]
+        assert resends == (0 if peek_after_s == 0.0 else 4)
         nursery.cancel_scope.cancel()
 
 
