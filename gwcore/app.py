@@ -98,12 +98,13 @@ class App:
                 # The audit writer outlives the server's drain: it is cancelled (and
                 # flushes to the database or the spool) only after the last request.
                 audit_nursery.start_soon(store.run)
-                await self._serve(cfg, server, listeners, auth, limiter, task_status)
+                await self._serve(cfg, server, listeners, auth, limiter, upstreams,
+                                  task_status)
                 audit_nursery.cancel_scope.cancel()
         event("stopped")
 
     async def _serve(self, cfg: Config, server: Server, listeners: list[trio.SocketListener] | None,
-                     auth: Authenticator, limiter: RateLimiter,
+                     auth: Authenticator, limiter: RateLimiter, upstreams: Upstreams,
                      task_status: trio.TaskStatus[list[int]]) -> None:
         s = cfg.server
         if listeners is None:
@@ -111,6 +112,7 @@ class App:
         self.ports = [lst.socket.getsockname()[1] for lst in listeners]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.access_log.run)
+            nursery.start_soon(upstreams.native.run)  # whole answers' deadlines
             nursery.start_soon(_evict_idle_buckets, limiter)
             nursery.start_soon(limiter.run)
             await nursery.start(server.serve, listeners)

@@ -8,8 +8,8 @@ moves on after a backoff (exponential with full jitter, or the upstream's
 ``retry-after`` when it gives one); other errors end the request at once, except a
 context-window error on a route with ``fallback_on_context_window``, which goes to the
 fallbacks.  A try succeeds when the answer is good as far as it was read inside the
-try: a whole answer (``_try_whole``: exchange and body under one cancel scope, then
-parsed) or, for a stream (``_try``), its first event; a stream's response stays open
+try: a whole answer (``_try_whole``: exchange and body within the attempt's deadlines,
+then parsed) or, for a stream (``_try``), its first event; a stream's response stays open
 for the relay.
 
 The hub format is OpenAI chat: every adapter (``gwcore.providers.*``) turns an OpenAI
@@ -204,27 +204,33 @@ class Pipeline:
 
     async def _try_whole(self, call: Call, r: Route, index: int,
                          out: Outcome) -> tuple[bytes | Any, Deployment]:
-        """One try for a whole (unstreamed) answer: the exchange and the body under one
-        cancel scope (the first-byte timeout until the head, and ``timeout_s``, the
+        """One try for a whole (unstreamed) answer: the exchange and the body within two
+        deadlines (the first-byte timeout until the head, and ``timeout_s``, the
         deployment's total per attempt, from the request's start to the end of the
-        body), the connection back in its pool before the answer is parsed.  An answer that is not
+        body), kept by the native transport itself or else by one cancel scope, the
+        connection back in its pool before the answer is parsed.  An answer that is not
         valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
         dep, ureq, passthrough, timeout_s, first_byte_s, health, start = \
             self._begin(call, r, index, out)
         error: GatewayError
         status = 0
         try:
-            data = None
-            with trio.CancelScope(deadline=start + first_byte_s) as scope:
-                async with self.upstreams.open(
-                        ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
-                                       read_s=timeout_s, whole=True),
-                        self.router.transport(dep)) as resp:
-                    if first_byte_s < timeout_s:  # moving a deadline costs: only if it moves
-                        scope.deadline = start + timeout_s
+            exchange = self.upstreams.open(
+                ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
+                               read_s=timeout_s, first_byte_at=start + first_byte_s,
+                               end_at=start + timeout_s), self.router.transport(dep))
+            if getattr(exchange, "keeps_deadlines", False):  # no cancel scope: see transport
+                async with exchange as resp:
                     data = await resp.read()
-            if data is None:
-                raise UpstreamTimeout()
+            else:
+                data = None
+                with trio.CancelScope(deadline=start + first_byte_s) as scope:
+                    async with exchange as resp:
+                        if first_byte_s < timeout_s:  # moving a deadline costs: only if it moves
+                            scope.deadline = start + timeout_s
+                        data = await resp.read()
+                if data is None:
+                    raise UpstreamTimeout()
             status = resp.status
             if status == 200:
                 status = 0  # a failure from here on is the upstream's (retryable)

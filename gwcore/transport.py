@@ -10,8 +10,16 @@ h11 says both sides finished the exchange cleanly (``our_state`` and
 half-read, ``Connection: close``) closes it.
 
 Timeouts: ``connect_s`` bounds waiting for a pool slot plus TCP connect plus the TLS
-handshake; ``read_s`` bounds each wait for bytes (the first byte included); the total
-is the caller's (the pipeline wraps each attempt in ``trio.fail_after``).
+handshake; ``read_s`` bounds each wait for bytes (the first byte included).  A whole
+answer (the pipeline's ``_try_whole``) comes with deadlines instead: ``first_byte_at``
+for the request to go out and the head to arrive, ``end_at`` for the body.  On a plain
+TCP connection those are kept by the pools' timer (``NativePools.run``, every
+``DEADLINE_TICK_S``): a wait for bytes registers the connection with its deadline, and
+the timer wakes a wait whose deadline passed (``trio.lowlevel.notify_closing``), which
+then fails with ``UpstreamTimeout``; the connection is not reused.  So a deadline fires
+up to a tick late, and an exchange costs no cancel scope, which was the dearest single
+thing a request did.  TLS connections, and pools whose timer is not running, keep them
+with a cancel scope.  A stream's total is the caller's (a cancel scope per attempt).
 
 Stale connections: a connection idle for ``peek_after_s`` (1 s) or more is checked
 before use (a non-blocking ``MSG_PEEK`` sees an EOF the server sent) and dropped if
@@ -47,6 +55,8 @@ from gwcore.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RECEIVE_BYTES = 65536
+# How often the pools' timer looks for waits past their deadline (NativePools.run).
+DEADLINE_TICK_S = 0.02
 USER_AGENT = b"gwcore"
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -269,13 +279,17 @@ class OriginPool:
 
 class NativeResponse:
     """The answer of one exchange; ``Exchange.__aexit__`` releases its connection."""
-    __slots__ = ("status", "_raw_headers", "_conn", "_read_s", "_ended", "_next")
+    __slots__ = ("status", "_raw_headers", "_conn", "_read_s", "_end_at", "_pools",
+                 "_ended", "_next")
 
-    def __init__(self, status: int, raw_headers: Any, conn: Conn, read_s: float) -> None:
+    def __init__(self, status: int, raw_headers: Any, conn: Conn, read_s: float,
+                 end_at: float, pools: "NativePools") -> None:
         self.status = status
         self._raw_headers = raw_headers
         self._conn = conn
         self._read_s = read_s
+        self._end_at = end_at  # the body's deadline (trio time); inf: read_s per wait
+        self._pools = pools
         self._ended = False
         self._next: Any = None  # an event (or error) at_end read ahead
 
@@ -322,7 +336,7 @@ class NativeResponse:
                 raise UpstreamError(f"The upstream response broke off: {exc}.") from exc
             if event is not h11.NEED_DATA:
                 return event
-            h.receive_data(await _receive(conn, self._read_s))
+            h.receive_data(await self._pools.receive(conn, self._read_s, self._end_at))
 
     async def read(self) -> bytes:
         parts: list[bytes] = []
@@ -389,9 +403,10 @@ async def _receive(conn: Conn, read_s: float) -> bytes:
     raise UpstreamTimeout()
 
 
-async def _send(conn: Conn, data: bytes) -> None:
+async def _send(conn: Conn, data: bytes, until: float) -> None:
     """The whole of ``data``: straight into the socket buffer when it fits (a request
-    nearly always does), else through the stream, which waits for room."""
+    nearly always does), else through the stream, which waits for room (by ``until``,
+    trio time, else UpstreamTimeout)."""
     raw = conn.raw
     if raw is not None and not conn.tls:
         try:
@@ -401,17 +416,22 @@ async def _send(conn: Conn, data: bytes) -> None:
         if sent == len(data):
             return
         data = data[sent:]
-    await conn.stream.send_all(data)
+    with trio.move_on_at(until):
+        await conn.stream.send_all(data)
+        return
+    raise UpstreamTimeout()
 
 
 class Exchange:
     """``async with pool.exchange(...) as response``: one request and its answer."""
     __slots__ = ("pools", "method", "url", "headers", "body", "connect_s", "read_s",
-                 "_target", "_pool", "_conn")
+                 "first_byte_at", "end_at", "_target", "_pool", "_conn")
+    keeps_deadlines = True  # first_byte_at and end_at bound it: the caller needs no scope
 
     def __init__(self, pools: "NativePools", method: str, url: str,
                  headers: list[tuple[str, str]], body: bytes, connect_s: float,
-                 read_s: float) -> None:
+                 read_s: float, first_byte_at: float = math.inf,
+                 end_at: float = math.inf) -> None:
         self.pools = pools
         self.method = method
         self.url = url
@@ -419,6 +439,8 @@ class Exchange:
         self.body = body
         self.connect_s = connect_s
         self.read_s = read_s
+        self.first_byte_at = first_byte_at
+        self.end_at = end_at
         self._target: _Target | None = None
         self._pool: OriginPool | None = None
         self._conn: Conn | None = None
@@ -459,7 +481,7 @@ class Exchange:
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"The upstream request could not be sent: {exc}.") from exc
         try:
-            await _send(conn, data)
+            await _send(conn, data, self.first_byte_at)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if conn.reused:
                 raise _Stale(exc) from exc
@@ -480,7 +502,9 @@ class Exchange:
                     from exc
             if event is h11.NEED_DATA:
                 try:
-                    data = await _receive(conn, self.read_s)
+                    data = await self.pools.receive(conn, self.read_s, self.first_byte_at)
+                except UpstreamTimeout:
+                    raise  # the upstream is slow, not gone: sending again would repeat it
                 except UpstreamError as exc:
                     if conn.reused and not got_bytes:
                         raise _Stale(exc) from exc
@@ -492,7 +516,8 @@ class Exchange:
                 h.receive_data(data)
                 continue
             if type(event) is h11.Response:
-                return NativeResponse(event.status_code, event.headers, conn, self.read_s)
+                return NativeResponse(event.status_code, event.headers, conn, self.read_s,
+                                      self.end_at, self.pools)
             if type(event) is h11.ConnectionClosed:
                 raise UpstreamError("The upstream closed the connection without answering.")
             # InformationalResponse (100 Continue and friends): keep reading.
@@ -518,6 +543,9 @@ class NativePools:
         # Node's 5 s), so a connection the server timed out is still seen before use.
         self.peek_after_s = peek_after_s
         self.stale_resends = 0  # requests sent again after a reused connection failed
+        # Plain connections waited on under a deadline, and it (see the module docstring).
+        self._waiting: dict[Conn, float] = {}
+        self._timer = False  # run() is keeping those deadlines
         self._pools: dict[str, OriginPool] = {}
         self._targets: dict[str, tuple[_Target, OriginPool]] = {}
         self._fields: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
@@ -568,8 +596,50 @@ class NativePools:
         return hit
 
     def exchange(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
-                 connect_s: float, read_s: float) -> Exchange:
-        return Exchange(self, method, url, headers, body, connect_s, read_s)
+                 connect_s: float, read_s: float, first_byte_at: float = math.inf,
+                 end_at: float = math.inf) -> Exchange:
+        return Exchange(self, method, url, headers, body, connect_s, read_s,
+                        first_byte_at, end_at)
+
+    async def receive(self, conn: Conn, read_s: float, until: float) -> bytes:
+        """The next bytes from the upstream (b"" at EOF): by ``until`` (trio time), or
+        when that is infinite, within ``read_s``; else UpstreamTimeout."""
+        raw = conn.raw
+        if until == math.inf:
+            return await _receive(conn, read_s)
+        if raw is None or conn.tls or not self._timer:
+            with trio.move_on_at(until):
+                return await _receive(conn, math.inf)
+            raise UpstreamTimeout()
+        waiting = self._waiting
+        while True:
+            waiting[conn] = until
+            try:
+                await trio.lowlevel.wait_readable(raw)
+            except trio.ClosedResourceError:
+                raise UpstreamTimeout() from None  # only run() notifies: the deadline passed
+            finally:
+                del waiting[conn]
+            try:
+                return raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
+
+    async def run(self) -> None:
+        """The timer of the deadlines ``receive`` registers (started with the app)."""
+        self._timer = True
+        try:
+            while True:
+                await trio.sleep(DEADLINE_TICK_S)
+                waiting = self._waiting
+                if waiting:
+                    now = trio.current_time()
+                    for conn in [c for c, until in waiting.items() if until <= now]:
+                        trio.lowlevel.notify_closing(conn.raw)
+        finally:
+            self._timer = False
 
     def statistics(self) -> dict[str, int]:
         return {"upstream_connections": sum(p.open for p in self._pools.values()),

@@ -47,9 +47,12 @@ class Timeouts:
     # Between bytes (and until the first byte) of the upstream response.  The total is
     # the caller's: the pipeline wraps each attempt in a cancel scope.
     read_s: float = 600.0
-    # The caller's scope bounds the whole answer within read_s (a whole answer, not a
-    # stream): the native transport then sets no timer per read.
-    whole: bool = False
+    # A whole answer's deadlines (trio time), instead of read_s: the request out and
+    # the head in by first_byte_at, the body by end_at.  The native transport keeps
+    # them itself (``keeps_deadlines`` on what ``open`` returns); with another, the
+    # caller's cancel scope must.
+    first_byte_at: float = math.inf
+    end_at: float = math.inf
 
 
 class UpstreamResponse:
@@ -232,8 +235,8 @@ class Upstreams:
                 return _open_mock(req)
             if not self._needs_proxy(req.url):
                 return self.native.exchange(req.method, req.url, req.headers, req.body,
-                                            timeouts.connect_s,
-                                            math.inf if timeouts.whole else timeouts.read_s)
+                                            timeouts.connect_s, timeouts.read_s,
+                                            timeouts.first_byte_at, timeouts.end_at)
         return self._open_httpx(req, timeouts)
 
     @asynccontextmanager

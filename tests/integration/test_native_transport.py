@@ -203,6 +203,37 @@ async def test_refused_silent_and_broken_upstreams_give_gateway_errors(make_pool
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("timer", [True, False], ids=["timer", "scope"])
+async def test_a_whole_answer_is_bounded_by_its_deadlines(timer: bool, make_pools) -> None:
+    """first_byte_at bounds the head (on a reused connection too: a slow upstream is not
+    a stale connection, so the request is not sent again), end_at the body.  With the
+    pools' timer running, a deadline fires within a tick; without it, a cancel scope
+    keeps it.  A connection cut off by a deadline is not reused."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n{\"partial"
+    answers = {1: (OK, False), 2: (b"", False)}
+    pools = make_pools()
+    async with trio.open_nursery() as nursery:
+        if timer:
+            nursery.start_soon(pools.run)
+        silent = await serve(nursery, Scripted(lambda n: answers.get(n, (b"", False))))
+        stalled = await serve(nursery, Scripted(lambda n: (head, False)))
+        assert await fetch(pools, silent.url()) == (200, b'{"ok":true}')
+        for server, phase in ((silent, "head"), (stalled, "body")):
+            now = trio.current_time()
+            first_byte_at = now + (0.2 if phase == "head" else 5.0)
+            end_at = now + (5.0 if phase == "head" else 0.2)
+            with trio.fail_after(3), pytest.raises(UpstreamTimeout):
+                async with pools.exchange("POST", server.url(), [], b"{}", 2.0, 60.0,
+                                          first_byte_at, end_at) as resp:
+                    await resp.read()
+            late_s = trio.current_time() - now - 0.2
+            assert 0 <= late_s < 0.5, late_s
+        assert (silent.connections, silent.requests) == (1, 2)
+        assert pools.statistics()["upstream_connections"] == 0
+        assert pools.statistics()["upstream_stale_resends_total"] == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_pool_caps_open_connections_per_origin(make_pools) -> None:
     pools = make_pools(max_connections=2)
     async with trio.open_nursery() as nursery:
