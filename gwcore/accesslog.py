@@ -1,8 +1,8 @@
 """One JSON line per request (orjson), written off the hot path.
 
-Lines are appended to an in-memory buffer and written out by ``run`` every
-``flush_s`` (and at shutdown), so a request never waits on the log's file
-descriptor.  The buffer is bounded: past ``max_buffer_bytes`` a line is dropped and
+Lines are appended to an in-memory buffer and written out by ``run`` ``flush_s``
+after the first line of a batch (and at shutdown), so a request never waits on the
+log's file descriptor, and an idle gateway does not wake up for its log.  The buffer is bounded: past ``max_buffer_bytes`` a line is dropped and
 counted (``dropped``), because a stalled log reader must not grow memory without end.
 Records carry key names and ids, never a key.
 """
@@ -28,6 +28,7 @@ class AccessLog:
         self._size = 0
         self.written = 0
         self.dropped = 0
+        self._wakeup: trio.Event | None = None  # set by record while run() sleeps
 
     def record(self, fields: dict[str, Any]) -> None:
         if not self.enabled:
@@ -39,6 +40,9 @@ class AccessLog:
             return
         self._lines.append(line)
         self._size += len(line)
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
 
     def flush(self) -> None:
         if not self._lines:
@@ -56,9 +60,13 @@ class AccessLog:
     async def run(self) -> None:
         try:
             while True:
+                if not self._lines:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
                 await trio.sleep(self.flush_s)
                 self.flush()
         finally:
+            self._wakeup = None
             self.flush()
 
 

@@ -546,6 +546,7 @@ class NativePools:
         # Plain connections waited on under a deadline, and it (see the module docstring).
         self._waiting: dict[Conn, float] = {}
         self._timer = False  # run() is keeping those deadlines
+        self._parked: trio.Event | None = None  # run() waits for a first deadline
         self._pools: dict[str, OriginPool] = {}
         self._targets: dict[str, tuple[_Target, OriginPool]] = {}
         self._fields: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
@@ -612,6 +613,9 @@ class NativePools:
                 return await _receive(conn, math.inf)
             raise UpstreamTimeout()
         waiting = self._waiting
+        if self._parked is not None:
+            self._parked.set()
+            self._parked = None
         while True:
             waiting[conn] = until
             try:
@@ -628,18 +632,24 @@ class NativePools:
                 raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
 
     async def run(self) -> None:
-        """The timer of the deadlines ``receive`` registers (started with the app)."""
+        """The timer of the deadlines ``receive`` registers (started with the app).  It
+        ticks while some wait has a deadline; when none has at a tick, it sleeps until
+        the next one comes (an idle gateway does not wake for it)."""
         self._timer = True
         try:
             while True:
-                await trio.sleep(DEADLINE_TICK_S)
                 waiting = self._waiting
+                if not waiting:
+                    self._parked = trio.Event()
+                    await self._parked.wait()
+                await trio.sleep(DEADLINE_TICK_S)
                 if waiting:
                     now = trio.current_time()
                     for conn in [c for c, until in waiting.items() if until <= now]:
                         trio.lowlevel.notify_closing(conn.raw)
         finally:
             self._timer = False
+            self._parked = None
 
     def statistics(self) -> dict[str, int]:
         return {"upstream_connections": sum(p.open for p in self._pools.values()),

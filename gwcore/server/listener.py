@@ -48,6 +48,8 @@ class Server:
         self._common: list[tuple[bytes, bytes]] = []
         # Streams that asked for a watcher, and since when (Responder.watch).
         self._watch_later: dict[Responder, float] = {}
+        # Set by watch_later while the timer sleeps with no stream to watch.
+        self._watch_wakeup: trio.Event | None = None
 
     # ConnectionState --------------------------------------------------------------
     def response_headers(self) -> list[tuple[bytes, bytes]]:
@@ -87,7 +89,9 @@ class Server:
         One timer for every connection, instead of a trio deadline per request (a cancel
         scope with a deadline is among the costliest things a request does): every
         ``tick`` it cancels the connections whose ``deadline`` passed, so a phase ends
-        between its timeout and one tick later.
+        between its timeout and one tick later.  With no stream waiting for a watcher it
+        sleeps until the next such scan (or a stream's ``watch_later``), so an idle
+        gateway and whole answers cost no wake-up every WATCH_DELAY_S.
         """
         limits = self.limits
         shortest = min(limits.header_timeout_s, limits.body_timeout_s,
@@ -95,7 +99,13 @@ class Server:
         tick = min(1.0, max(0.01, shortest / 10))
         next_scan = trio.current_time() + tick
         while True:
-            await trio.sleep(min(tick, WATCH_DELAY_S))
+            if self._watch_later:
+                await trio.sleep(min(tick, WATCH_DELAY_S))
+            else:
+                self._watch_wakeup = trio.Event()
+                with trio.move_on_at(next_scan):
+                    await self._watch_wakeup.wait()
+                self._watch_wakeup = None
             now = trio.current_time()
             if self._watch_later:
                 due = [r for r, since in self._watch_later.items()
@@ -111,6 +121,9 @@ class Server:
 
     def watch_later(self, responder: Responder) -> None:
         self._watch_later[responder] = trio.current_time()
+        if self._watch_wakeup is not None:
+            self._watch_wakeup.set()
+            self._watch_wakeup = None
 
     def unwatch(self, responder: Responder) -> None:
         self._watch_later.pop(responder, None)
