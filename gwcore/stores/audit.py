@@ -2,8 +2,9 @@
 lookup-name cache, migration files and key fields.
 
 How the audit writer works: ``submit`` appends to an in-memory list and returns (it
-never waits and never raises).  ``run`` wakes every ``flush_s`` or as soon as
-``batch_size`` records wait, cuts them into batches (each with a fresh id and the next
+never waits and never raises).  ``run`` wakes ``flush_s`` after the first record of
+a batch (it sleeps while it has nothing to write) or as soon as ``batch_size`` records
+wait, cuts them into batches (each with a fresh id and the next
 spool sequence number) and writes each batch in one transaction: its rows, its daily
 rollups, the keys' spend and its id in ``audit_batches``, so a batch whose id is already
 there is skipped and nothing is counted twice.  When a write fails the batch goes to the
@@ -248,6 +249,7 @@ class AuditWriter:
         self._buffer: list[AuditRecord] = []
         self._pending: list[Batch] = []      # cut from the buffer, not yet committed/spooled
         self._wake = trio.Event()
+        self._asleep = False  # run() waits for a first record (nothing else to do)
         self._step_lock = trio.Lock()
         self._retry_at = -math.inf
         self._backoff_s = 0.0
@@ -269,7 +271,7 @@ class AuditWriter:
             self._buffer.append(record)
             self.submitted += 1
             n = len(self._buffer)
-            if n >= self.batch_size:
+            if n >= self.batch_size or self._asleep:
                 self._wake.set()
             if n >= self.max_buffer:
                 self._spool_buffer_now()
@@ -319,6 +321,17 @@ class AuditWriter:
         if len(self._buffer) >= self.batch_size:
             await trio.lowlevel.checkpoint()
             return
+        if not self._buffer and not self._pending and \
+                not (self.spool is not None and self.spool.count()):
+            # Nothing to write or replay: sleep until a record comes (or maintenance is
+            # due), then give the batch its flush_s to fill as usual.
+            self._asleep = True
+            with trio.move_on_at(self._maintain_at):
+                await self._wake.wait()
+            self._asleep = False
+            self._wake = trio.Event()
+            if not self._buffer:
+                return
         timeout = self.flush_s
         if self.spool is not None and self.spool.count():
             timeout = min(timeout, max(0.0, self._retry_at - trio.current_time()))
