@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 from gwcore.ports import AuditRecord, KeyRecord, UsageRow
 from gwcore.stores.audit import (
     SQLStoreBase,
+    WriterThread,
     ENDPOINT,
     ERROR_CODE,
     MODEL,
@@ -134,6 +135,7 @@ class PostgresStore(SQLStoreBase):
         self._names_lock = threading.Lock()
         self._days: set[date] = set()       # partitions known to exist
         self._migrated = False
+        self._writes = WriterThread("gwcore-audit-postgres")
         self._writer = AuditWriter(
             self, spool_dir, store="postgres", flush_s=flush_s, batch_size=batch_size,
             max_buffer=max_buffer, retry_max_s=retry_max_s,
@@ -151,9 +153,12 @@ class PostgresStore(SQLStoreBase):
 
     async def close(self) -> None:
         self._writer.close()
+        self._writes.close()
         self._pool.close()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, on: WriterThread | None = None) -> T:
+        if on is not None:
+            return await on.run_sync(self._in_thread, fn, args, abandon_on_cancel=True)
         return await trio.to_thread.run_sync(self._in_thread, fn, args, limiter=self._limiter,
                                              abandon_on_cancel=True)
 

@@ -23,6 +23,7 @@ import trio
 from gwcore.ports import AuditRecord, KeyRecord, UsageRow
 from gwcore.stores.audit import (
     SQLStoreBase,
+    WriterThread,
     ENDPOINT,
     ERROR_CODE,
     MODEL,
@@ -96,6 +97,7 @@ class SQLiteStore(SQLStoreBase):
         self._lock = trio.Lock()
         self._names = NameCache()
         self._migrated = False
+        self._writes = WriterThread("gwcore-audit-sqlite")
         self._writer = AuditWriter(
             self, self.path.parent / "spool" if spool_dir is None else spool_dir,
             store="sqlite", flush_s=flush_s, batch_size=batch_size, max_buffer=max_buffer,
@@ -110,6 +112,7 @@ class SQLiteStore(SQLStoreBase):
 
     async def close(self) -> None:
         self._writer.close()
+        self._writes.close()
         async with self._lock:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
@@ -132,8 +135,10 @@ class SQLiteStore(SQLStoreBase):
             self._conn = conn
         return self._conn
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._lock:
+    async def _call(self, fn: Callable[..., T], *args: Any, on: WriterThread | None = None) -> T:
+        async with self._lock:  # one connection: one thread at a time uses it
+            if on is not None:
+                return await on.run_sync(self._in_thread, fn, args)
             return await trio.to_thread.run_sync(self._in_thread, fn, args)
 
     def _in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:

@@ -125,6 +125,46 @@ async def test_the_writer_task_flushes_by_time_and_by_size_and_at_shutdown(store
     assert stores.sql("SELECT count(*) FROM audit_log") == [(260,)]
 
 
+async def test_audit_batches_are_written_by_one_thread_at_the_lowest_priority(stores):
+    """Fresh batches go through the store's WriterThread at nice 19, so a flush cannot
+    hold a one-core worker's requests up; a batch that is behind (its oldest record
+    over WRITER_BEHIND_S old: the niced thread could not keep up) and key lookups go
+    through trio's thread cache at the normal priority.  Nice values are read back from
+    /proc, per thread."""
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    from gwcore.stores.audit import WRITER_BEHIND_S
+
+    store = await stores.open()
+    writes = store._writes  # the writer's thread, started by the first fresh batch
+
+    def nice_of_this_thread() -> tuple[str, int]:
+        stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
+        return threading.current_thread().name, int(stat.rsplit(")", 1)[1].split()[16])
+
+    store.submit(make_record(0, ts=time.time() - WRITER_BEHIND_S - 60))
+    await store.flush()
+    assert store.statistics()["audit_written"] == 1
+    assert writes._thread is None  # behind: written at the normal priority
+    seen = []
+    for i in (1, 2):
+        store.submit(make_record(i, ts=time.time()))
+        await store.flush()
+        assert writes._thread is not None and writes._thread.is_alive()
+        seen.append(await writes.run_sync(nice_of_this_thread))
+    assert writes.niced is True
+    assert seen == [(f"gwcore-audit-{stores.backend}", 19)] * 2
+    assert store.statistics()["audit_written"] == 3
+    _, lookup_nice = await trio.to_thread.run_sync(nice_of_this_thread)
+    assert lookup_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the process's own
+    with pytest.raises(ZeroDivisionError):  # an error in the thread reaches the caller
+        await writes.run_sync(lambda: 1 // 0)
+    assert await writes.run_sync(lambda: 7) == 7  # and the thread goes on
+
+
 async def test_rollups_answer_usage_by_key_model_and_day(stores):
     store = await stores.open()
     ka, kb = "key_aaaaaaaaaaaaaaaa", "key_bbbbbbbbbbbbbbbb"
