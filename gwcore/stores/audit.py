@@ -518,8 +518,9 @@ def _count_files(directory: Path) -> int:
 
 # The audit writer's thread runs at this nice value (19: the lowest priority).
 WRITER_NICE = 19
-# A batch whose oldest record is older than this is behind: it is written at the normal
-# priority (trio's thread cache), so a saturated worker's audit cannot fall behind for good.
+# A batch whose first record was submitted longer ago than this is behind: it is written
+# at the normal priority (trio's thread cache), so a saturated worker's audit cannot fall
+# behind for good.
 WRITER_BEHIND_S = 2.0
 
 
@@ -531,7 +532,7 @@ class WriterThread:
     the worker's core while requests arrived: on one core, the c=1 p99 went from about
     0.8 ms to 2 ms.  Niced to 19, the kernel lets a request's wake-up preempt it.  On a
     core that requests keep busy it gets too little (1.5%) to keep up with them, so a
-    batch that is behind (its oldest record ``WRITER_BEHIND_S`` old) goes through
+    batch that is behind (its first record submitted ``WRITER_BEHIND_S`` ago) goes through
     trio's thread cache at the normal priority instead (``SQLStoreBase.write_batch``).
     Key lookups and the rest always use trio's thread cache.  ``niced`` is False where
     the priority could not be lowered (the thread then runs at the normal one).
@@ -541,6 +542,7 @@ class WriterThread:
         self.name = name
         self.nice = nice
         self.niced: bool | None = None  # known once the thread has started
+        self.jobs = 0  # calls run
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -565,6 +567,7 @@ class WriterThread:
         result: list[tuple[bool, Any]] = []  # (returned, its value or exception)
 
         def job() -> None:
+            self.jobs += 1
             try:
                 result.append((True, fn(*args)))
             except BaseException as exc:  # raised in the caller, as to_thread does
@@ -660,7 +663,10 @@ class SQLStoreBase:
 
     # -- the writer's backend
     async def write_batch(self, batch: Any) -> bool:
-        behind = bool(batch.records) and time.time() - batch.records[0].ts > WRITER_BEHIND_S
+        # A record is submitted when its request ends: ts (its start) plus its latency.
+        first = batch.records[0] if batch.records else None
+        behind = first is not None and \
+            time.time() - first.ts - first.latency_ms / 1000 > WRITER_BEHIND_S
         return await self._call(self._write_batch_sync, batch,  # type: ignore[attr-defined]
                                 on=None if behind else self._writes)
 

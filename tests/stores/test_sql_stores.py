@@ -127,8 +127,9 @@ async def test_the_writer_task_flushes_by_time_and_by_size_and_at_shutdown(store
 
 async def test_audit_batches_are_written_by_one_thread_at_the_lowest_priority(stores):
     """Fresh batches go through the store's WriterThread at nice 19, so a flush cannot
-    hold a one-core worker's requests up; a batch that is behind (its oldest record
-    over WRITER_BEHIND_S old: the niced thread could not keep up) and key lookups go
+    hold a one-core worker's requests up (a long stream's record is fresh when its
+    request ends); a batch that is behind (its first record submitted over
+    WRITER_BEHIND_S ago: the niced thread could not keep up) and key lookups go
     through trio's thread cache at the normal priority.  Nice values are read back from
     /proc, per thread."""
     import os
@@ -148,12 +149,14 @@ async def test_audit_batches_are_written_by_one_thread_at_the_lowest_priority(st
     store.submit(make_record(0, ts=time.time() - WRITER_BEHIND_S - 60))
     await store.flush()
     assert store.statistics()["audit_written"] == 1
-    assert writes._thread is None  # behind: written at the normal priority
+    assert (writes._thread, writes.jobs) == (None, 0)  # behind: the normal priority
     seen = []
-    for i in (1, 2):
-        store.submit(make_record(i, ts=time.time()))
+    for i in (1, 2):  # the second one a stream that took 10 minutes, just ended
+        took_s = 600.0 * (i - 1)
+        store.submit(make_record(i, ts=time.time() - took_s, latency_ms=took_s * 1000))
+        jobs = writes.jobs
         await store.flush()
-        assert writes._thread is not None and writes._thread.is_alive()
+        assert writes.jobs == jobs + 1  # the batch, in the writer's thread
         seen.append(await writes.run_sync(nice_of_this_thread))
     assert writes.niced is True
     assert seen == [(f"gwcore-audit-{stores.backend}", 19)] * 2
