@@ -2,8 +2,9 @@
 
 Lines are appended to an in-memory buffer and written out by ``run`` ``flush_s``
 after the first line of a batch (and at shutdown), so a request never waits on the
-log's file descriptor, and an idle gateway does not wake up for its log.  The buffer is bounded: past ``max_buffer_bytes`` a line is dropped and
-counted (``dropped``), because a stalled log reader must not grow memory without end.
+log's file descriptor, and an idle gateway does not wake up for its log.  The buffer
+is bounded: past ``max_buffer_bytes`` a line is dropped and counted (``dropped``),
+because a stalled log reader must not grow memory without end.
 Records carry key names and ids, never a key.
 """
 from __future__ import annotations

@@ -28,10 +28,10 @@ servers close idle connections after seconds, not milliseconds.  A server that c
 without announcing it races that check anyway (or closes within the second); so when a
 reused connection fails before a single byte of the answer arrived, the request is sent
 once more on a fresh connection, whatever its method.  A server that closed before the
-request went out never read it, so that resend duplicates nothing.  Decision: a server that read a whole request and
-closed without a byte of answer is far rarer than this race, and the pipeline would
-resend the request anyway (a connection error is retryable), only later and counted
-as a failed attempt of a healthy deployment.
+request went out never read it, so that resend duplicates nothing.  Decision: a server
+that read a whole request and closed without a byte of answer is far rarer than this
+race, and the pipeline would resend the request anyway (a connection error is
+retryable), only later and counted as a failed attempt of a healthy deployment.
 
 Errors are the gateway's own: ``UpstreamUnavailable`` (cannot connect),
 ``UpstreamTimeout`` (no bytes within ``read_s``), ``UpstreamError`` (the connection
@@ -39,7 +39,6 @@ broke or the answer was not valid HTTP).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import socket
 import ssl
@@ -376,31 +375,32 @@ class NativeResponse:
                 raise UpstreamError("The upstream stream broke off.")
 
 
-_UNBOUNDED = contextlib.nullcontext()
-
-
 async def _receive(conn: Conn, read_s: float) -> bytes:
-    """The next bytes from the upstream (b"" at EOF), within ``read_s``.
+    """The next bytes from the upstream (b"" at EOF), within ``read_s``."""
+    with trio.move_on_after(read_s):
+        return await _read(conn)
+    raise UpstreamTimeout()
+
+
+async def _read(conn: Conn) -> bytes:
+    """The next bytes from the upstream (b"" at EOF), however long they take.
 
     Plain TCP waits for readability first and then reads the socket directly: the
     answer to a request just sent is never there yet, so trying the read first (what
     ``receive_some`` does) would only cost a failed syscall.
     """
     raw = conn.raw
-    # read_s is infinite when the caller's own scope bounds the whole answer: no timer.
-    with _UNBOUNDED if read_s == math.inf else trio.move_on_after(read_s):
-        try:
-            if raw is None or conn.tls:
-                return await conn.stream.receive_some(RECEIVE_BYTES)
-            while True:
-                await trio.lowlevel.wait_readable(raw)
-                try:
-                    return raw.recv(RECEIVE_BYTES)
-                except BlockingIOError:
-                    continue
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
-    raise UpstreamTimeout()
+    try:
+        if raw is None or conn.tls:
+            return await conn.stream.receive_some(RECEIVE_BYTES)
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                return raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
 
 
 async def _send(conn: Conn, data: bytes, until: float) -> None:
@@ -605,31 +605,24 @@ class NativePools:
     async def receive(self, conn: Conn, read_s: float, until: float) -> bytes:
         """The next bytes from the upstream (b"" at EOF): by ``until`` (trio time), or
         when that is infinite, within ``read_s``; else UpstreamTimeout."""
-        raw = conn.raw
         if until == math.inf:
             return await _receive(conn, read_s)
-        if raw is None or conn.tls or not self._timer:
+        if conn.raw is None or conn.tls or not self._timer:
             with trio.move_on_at(until):
-                return await _receive(conn, math.inf)
+                return await _read(conn)
             raise UpstreamTimeout()
-        waiting = self._waiting
         if self._parked is not None:
             self._parked.set()
             self._parked = None
-        while True:
-            waiting[conn] = until
-            try:
-                await trio.lowlevel.wait_readable(raw)
-            except trio.ClosedResourceError:
-                raise UpstreamTimeout() from None  # only run() notifies: the deadline passed
-            finally:
-                del waiting[conn]
-            try:
-                return raw.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise UpstreamError(f"The upstream connection broke: {exc}.") from exc
+        self._waiting[conn] = until
+        try:
+            return await _read(conn)
+        except UpstreamError:
+            if trio.current_time() >= until:  # run() woke the wait: the deadline passed
+                raise UpstreamTimeout() from None
+            raise
+        finally:
+            del self._waiting[conn]
 
     async def run(self) -> None:
         """The timer of the deadlines ``receive`` registers (started with the app).  It
