@@ -207,30 +207,20 @@ class Pipeline:
         """One try for a whole (unstreamed) answer: the exchange and the body within two
         deadlines (the first-byte timeout until the head, and ``timeout_s``, the
         deployment's total per attempt, from the request's start to the end of the
-        body), kept by the native transport itself or else by one cancel scope, the
-        connection back in its pool before the answer is parsed.  An answer that is not
-        valid after a 200 (an HTML page, a truncated body) fails the try like a 502."""
+        body), which every transport keeps itself, the connection back in its pool
+        before the answer is parsed.  An answer that is not valid after a 200 (an HTML
+        page, a truncated body) fails the try like a 502."""
         dep, ureq, passthrough, timeout_s, first_byte_s, health, start = \
             self._begin(call, r, index, out)
         error: GatewayError
         status = 0
         try:
-            exchange = self.upstreams.open(
-                ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
-                               read_s=timeout_s, first_byte_at=start + first_byte_s,
-                               end_at=start + timeout_s), self.router.transport(dep))
-            if getattr(exchange, "keeps_deadlines", False):  # no cancel scope: see transport
-                async with exchange as resp:
-                    data = await resp.read()
-            else:
-                data = None
-                with trio.CancelScope(deadline=start + first_byte_s) as scope:
-                    async with exchange as resp:
-                        if first_byte_s < timeout_s:  # moving a deadline costs: only if it moves
-                            scope.deadline = start + timeout_s
-                        data = await resp.read()
-                if data is None:
-                    raise UpstreamTimeout()
+            async with self.upstreams.open(
+                    ureq, Timeouts(connect_s=min(r.connect_timeout_s, first_byte_s),
+                                   read_s=timeout_s, first_byte_at=start + first_byte_s,
+                                   end_at=start + timeout_s),
+                    self.router.transport(dep)) as resp:
+                data = await resp.read()
             status = resp.status
             if status == 200:
                 status = 0  # a failure from here on is the upstream's (retryable)

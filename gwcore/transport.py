@@ -426,7 +426,6 @@ class Exchange:
     """``async with pool.exchange(...) as response``: one request and its answer."""
     __slots__ = ("pools", "method", "url", "headers", "body", "connect_s", "read_s",
                  "first_byte_at", "end_at", "_target", "_pool", "_conn")
-    keeps_deadlines = True  # first_byte_at and end_at bound it: the caller needs no scope
 
     def __init__(self, pools: "NativePools", method: str, url: str,
                  headers: list[tuple[str, str]], body: bytes, connect_s: float,

@@ -48,24 +48,27 @@ class Timeouts:
     # the caller's: the pipeline wraps each attempt in a cancel scope.
     read_s: float = 600.0
     # A whole answer's deadlines (trio time), instead of read_s: the request out and
-    # the head in by first_byte_at, the body by end_at.  The native transport keeps
-    # them itself (``keeps_deadlines`` on what ``open`` returns); with another, the
-    # caller's cancel scope must.
+    # the head in by first_byte_at, the body (``read()``) by end_at.  Every transport
+    # keeps them, failing with UpstreamTimeout, so the caller needs no cancel scope.
     first_byte_at: float = math.inf
     end_at: float = math.inf
 
 
 class UpstreamResponse:
-    __slots__ = ("status", "headers", "_response")
+    __slots__ = ("status", "headers", "_response", "_end_at")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, end_at: float = math.inf) -> None:
         self._response = response
+        self._end_at = end_at
         self.status = response.status_code
         self.headers = [(k, v) for k, v in response.headers.items()]
 
     async def read(self) -> bytes:
+        """The whole body, by ``end_at``."""
         try:
-            return await self._response.aread()
+            with trio.move_on_at(self._end_at):
+                return await self._response.aread()
+            raise UpstreamTimeout()
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout() from exc
         except httpx.HTTPError as exc:
@@ -232,7 +235,7 @@ class Upstreams:
         self.requests_total += 1
         if transport == "native":
             if req.url.startswith("mock:"):
-                return _open_mock(req)
+                return _open_mock(req, timeouts.first_byte_at)
             if not self._needs_proxy(req.url):
                 return self.native.exchange(req.method, req.url, req.headers, req.body,
                                             timeouts.connect_s, timeouts.read_s,
@@ -247,8 +250,10 @@ class Upstreams:
                                 write=timeouts.read_s, pool=timeouts.connect_s)
         request = client.build_request(req.method, req.url, headers=req.headers,
                                        content=req.body or None, timeout=timeout)
+        response = None
         try:
-            response = await client.send(request, stream=True)
+            with trio.move_on_at(timeouts.first_byte_at):
+                response = await client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
             raise UpstreamUnavailable("Connecting to the upstream timed out.") from exc
         except httpx.TimeoutException as exc:
@@ -257,8 +262,10 @@ class Upstreams:
             raise UpstreamUnavailable("The upstream could not be reached.") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"The upstream request failed: {type(exc).__name__}.") from exc
+        if response is None:  # first_byte_at passed
+            raise UpstreamTimeout()
         try:
-            yield UpstreamResponse(response)
+            yield UpstreamResponse(response, timeouts.end_at)
         finally:
             # Closing a half-read response drops the upstream connection (no drain), so
             # this is quick; the bound keeps a wedged socket from holding us.
@@ -267,8 +274,11 @@ class Upstreams:
 
 
 @asynccontextmanager
-async def _open_mock(req: UpstreamRequest) -> AsyncIterator[MockResponse]:
+async def _open_mock(req: UpstreamRequest, first_byte_at: float) -> AsyncIterator[MockResponse]:
     latency_s, _ = mock.pacing(req.url)
     if latency_s:
-        await trio.sleep(latency_s)
+        with trio.move_on_at(first_byte_at) as scope:
+            await trio.sleep(latency_s)
+        if scope.cancelled_caught:
+            raise UpstreamTimeout()
     yield MockResponse(*mock_answer(req.method, req.url, req.body))

@@ -143,3 +143,20 @@ async def test_a_client_may_lower_the_timeout_but_not_raise_it(gateway_factory):
                                  json={"model": "m", "messages": MESSAGES})
                 took = trio.current_time() - t0
                 assert r.status_code == 504 and lo <= took <= hi, (header, took)
+
+
+async def test_the_mock_provider_is_held_to_the_first_byte_timeout(gateway_factory):
+    """A whole answer's deadlines are kept by each transport, the in-process mock's too
+    (the httpx transport serves mock:// through its own mock transport)."""
+    text = ("models:\n  - name: m\n    retries: 0\n    timeout_s: 5.0\n"
+            "    first_byte_timeout_s: 0.3\n    deployments: [{provider: mock, model: mock-1,"
+            " base_url: 'mock://local?latency_ms=3000'}]\n")
+    async with gateway_factory(text, env={"GATEWAY_API_KEYS": KEY}) as gw:
+        async with httpx.AsyncClient(timeout=10) as h:
+            t0 = trio.current_time()
+            r = await h.post(f"{gw.base_url}/chat/completions",
+                             headers={"authorization": f"Bearer {KEY}"},
+                             json={"model": "m", "messages": MESSAGES})
+            took = trio.current_time() - t0
+    assert r.status_code == 504, r.text
+    assert 0.25 <= took <= 1.5, took
