@@ -82,7 +82,7 @@ def _fmt(value: Any, kind: str) -> str:
         return f"{value:+.3f}" if abs(value) < 10 else f"{value:+.1f}"
     if kind == "x":
         return f"{value:.2f}x"
-    if kind == "us":
+    if kind in ("us", "count"):
         return f"{value:,.1f}"
     if kind == "+us":
         return f"{value:+,.1f}"
@@ -127,8 +127,15 @@ TABLES: dict[str, list[Column]] = {
                      ("KB per stream", "rss_per_stream", "kb"), ("failed", "failed", "int")],
     "cpu": [("target", "target", ""), ("asked req/s", "rate", "int"), ("achieved req/s", "rps", "int"),
             ("CPU us/request", "cpu_us_per_request", "us"), ("vs upstream", "cpu_us_per_request_vs_upstream", "x"),
-            ("CPU of one core", "cpu_pct", "pct"), ("p50 ms", "p50_ms", "ms"), ("p99 ms", "p99_ms", "ms"),
-            ("RSS MB", "rss", "mb"), ("errors", "errors", "int")],
+            ("CPU of one core", "cpu_pct", "pct"), ("wake-ups/request", "wakeups_per_request", "count"),
+            ("p50 ms", "p50_ms", "ms"), ("p99 ms", "p99_ms", "ms"), ("RSS MB", "rss", "mb"),
+            ("errors", "errors", "int")],
+    "counts": [("target", "target", ""), ("achieved req/s", "rps", "int"), ("requests", "requests", "int"),
+               ("Python calls/request", "python_calls_per_request", "count"),
+               ("vs floor", "python_calls_per_request_vs_floor", "x"),
+               ("own code", "own_calls_per_request", "count"), ("trio", "trio_calls_per_request", "count"),
+               ("task steps/request", "task_steps_per_request", "count"),
+               ("vs floor", "task_steps_per_request_vs_floor", "x"), ("errors", "errors", "int")],
     "cache": [("target", "target", ""), ("conns", "connections", "int"), ("req/s", "rps", "int"),
               ("vs upstream", "rps_vs_upstream", "x"), ("p50 ms", "p50_ms", "ms"), ("p99 ms", "p99_ms", "ms"),
               ("p99.9 ms", "p99.9_ms", "ms"), ("added p50 ms", "added_p50_ms", "+ms"), ("errors", "errors", "int")],

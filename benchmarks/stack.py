@@ -103,6 +103,27 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid`` and its descendants: each
+    is a wait (for a socket, a lock, a timer) that ended, i.e. a wake-up."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            threads = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in threads:
+            try:
+                status = Path(f"/proc/{p}/task/{t}/status").read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
 def pid_alive(pid: int | None) -> bool:
     return pid is not None and Path(f"/proc/{pid}").exists()
 
@@ -163,23 +184,25 @@ class Stack:
         wait_healthy(child, f"http://127.0.0.1:{port}")
         return Spawned(name, f"http://127.0.0.1:{port}/v1", child, cwd)
 
-    def start_minimal(self, name: str, upstream_url: str) -> Spawned:
+    def start_minimal(self, name: str, upstream_url: str, launcher: list[str] | None = None) -> Spawned:
         """``minimal_proxy.py`` (trio + h11, no logic) in front of ``upstream_url``,
-        pinned like the gateway: the floor the gateway's figures are read against."""
+        pinned like the gateway: the floor the gateway's figures are read against.
+        ``launcher``: arguments between the interpreter and the script (``profiled.py OUT``)."""
         port = free_port()
         cwd = self._dir(name)
         origin = upstream_url.split("/v1")[0]
-        cmd = [sys.executable, str(Path(__file__).with_name("minimal_proxy.py")), "--port", str(port),
-               "--upstream", origin]
+        cmd = [sys.executable, *(launcher or []), str(Path(__file__).with_name("minimal_proxy.py")),
+               "--port", str(port), "--upstream", origin]
         child = _start(name, self._pinned(self.gateway_cpus, cmd), self._env(), cwd, self.children)
         wait_healthy(child, f"http://127.0.0.1:{port}")
         return Spawned(name, f"http://127.0.0.1:{port}/v1", child, cwd)
 
     def start_gateway(self, name: str, upstream_url: str, env: dict[str, str] | None = None,
-                      config: dict[str, Any] | None = None) -> Spawned:
+                      config: dict[str, Any] | None = None, launcher: list[str] | None = None) -> Spawned:
         """``gwcore serve`` for the mock at ``upstream_url``: one key, a limit too high to
         trip (so the limiter runs but never answers 429), plus ``env`` and a YAML ``config``
-        (merged into the file of a GATEWAY_CONFIG given with --gateway-env, if any)."""
+        (merged into the file of a GATEWAY_CONFIG given with --gateway-env, if any).
+        ``launcher``: arguments between the interpreter and ``-m gwcore``."""
         port = free_port()
         cwd = self._dir(name)
         full_env = self._env()
@@ -205,8 +228,8 @@ class Stack:
             path = cwd / "gateway.yaml"
             path.write_text(yaml.safe_dump(base, sort_keys=False))
             full_env["GATEWAY_CONFIG"] = str(path)
-        cmd = [sys.executable, "-m", "gwcore", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *self.gateway_args]
+        cmd = [sys.executable, *(launcher or []), "-m", "gwcore", "serve", "--host", "127.0.0.1",
+               "--port", str(port), *self.gateway_args]
         child = _start(name, self._pinned(self.gateway_cpus, cmd), full_env, cwd, self.children)
         origin = f"http://127.0.0.1:{port}"
         wait_healthy(child, origin)

@@ -20,7 +20,9 @@ Scenarios (``--scenarios``, comma-separated; default all):
     stream        streamed req/s at c=32; time to first token at c=1; per-chunk overhead
     slow-streams  N concurrent slow streams (``--slow-streams 2000``): how many complete,
                   time to first token at that load, memory per open stream, idle RSS
-    cpu           gateway CPU time per request at a paced rate (``--cpu-rate 1000``)
+    cpu           gateway CPU time per request at a paced rate (``--cpu-rate 1000``), wake-ups
+    counts        Python calls and trio task steps per request (cProfile, ``--counts-rate 500``)
+                  of the gateway and the floor: figures a noisy machine does not move
     cache         the response cache on, the same request repeated (hits), vs the upstream
     full-stack    Redis rate limits + Postgres audit (both started for the run)
 
@@ -38,6 +40,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
+from benchmarks import profiled  # noqa: E402
 from benchmarks import report as reporting  # noqa: E402
 from benchmarks.clients import (  # noqa: E402
     WrkResult,
@@ -73,9 +77,10 @@ from benchmarks.stack import (  # noqa: E402
     pid_alive,
     raise_nofile_limit,
     rss_bytes,
+    wakeups,
 )
 
-SCENARIOS = ("latency", "throughput", "maxrate", "stream", "slow-streams", "cpu", "cache", "full-stack")
+SCENARIOS = ("latency", "throughput", "maxrate", "stream", "slow-streams", "cpu", "counts", "cache", "full-stack")
 RESULTS = ROOT / "benchmarks" / "results"
 # The default mock reply: 9 words, so a stream has 9 token events (12 SSE events in all).
 REPLY_WORDS = 9
@@ -339,12 +344,13 @@ def scenario_cpu(ctx: Ctx) -> dict[str, Any]:
                 continue
             assert t.pid is not None
             ctx.warm(t, ctx.chat)
-            before = cpu_seconds(t.pid)
+            before, woke = cpu_seconds(t.pid), wakeups(t.pid)
             r = ctx.wrk("cpu", t, ctx.chat, paced_connections(a.cpu_rate), a.cpu_duration, rate=a.cpu_rate)
             cpu_s = cpu_seconds(t.pid) - before
             figures = r.as_dict()
             figures.update(cpu_s=cpu_s, cpu_us_per_request=cpu_s / max(1, r.requests) * 1e6,
-                           cpu_pct=cpu_s / max(r.duration_s, 1e-9) * 100, rss=rss_bytes(t.pid))
+                           cpu_pct=cpu_s / max(r.duration_s, 1e-9) * 100, rss=rss_bytes(t.pid),
+                           wakeups_per_request=(wakeups(t.pid) - woke) / max(1, r.requests))
             rows.append(row(t, **figures))
             if r.rps < keeping_up(a.cpu_duration) * a.cpu_rate:
                 notes.append(f"{t.name} (run {rep + 1}): achieved {r.rps:,.0f} of {a.cpu_rate:,.0f} req/s: saturated, "
@@ -354,8 +360,59 @@ def scenario_cpu(ctx: Ctx) -> dict[str, Any]:
     return result(
         "CPU time per request",
         f"wrk paced at {a.cpu_rate:,.0f} req/s for {a.cpu_duration:g} s; CPU = utime + stime of the process "
-        "tree from /proc/PID/stat, before and after, divided by the requests wrk counted. The upstream row is "
+        "tree from /proc/PID/stat, before and after, divided by the requests wrk counted. Wake-ups: voluntary "
+        "context switches of all its threads (each a wait that ended), per request. The upstream row is "
         "the mock alone.", rows, notes)
+
+
+def scenario_counts(ctx: Ctx) -> dict[str, Any]:
+    """A second gateway (and floor) under benchmarks/profiled.py, profiled over a paced run."""
+    a = ctx.args
+    subjects: list[tuple[str, str, Callable[[list[str]], Spawned]]] = []
+    if a.spawn:
+        subjects.append((GATEWAY, str(ROOT / "gwcore"),
+                         lambda launcher: ctx.stack.start_gateway("gwcore-profiled", ctx.upstream.url,
+                                                                  launcher=launcher)))
+    if a.minimal:
+        subjects.append((MINIMAL, str(ROOT / "benchmarks" / "minimal_proxy.py"),
+                         lambda launcher: ctx.stack.start_minimal("minimal-profiled", ctx.upstream.url, launcher)))
+    rows, notes = [], []
+    if not subjects:
+        notes.append("only the processes this suite starts (our gateway, --minimal) are profiled")
+    for rep in range(a.repeat):
+        for name, own, start in subjects:
+            path = ctx.scratch / f"counts-{len(rows)}.prof"
+            spawned = start([str(ROOT / "benchmarks" / "profiled.py"), str(path)])
+            try:
+                t = Target(name, "target", spawned.url, GATEWAY_KEY, spawned.pid)
+                url = t.url + "/chat/completions"
+                run_wrk(url, ctx.chat, {"Authorization": f"Bearer {t.key}"}, paced_connections(a.counts_rate),
+                        max(1.0, a.warmup), str(ctx.scratch / "wrk.lua"), cpus=a.load_cpus, rate=a.counts_rate)
+                os.kill(spawned.pid, signal.SIGUSR1)
+                r = ctx.wrk("counts", t, ctx.chat, paced_connections(a.counts_rate), a.cpu_duration,
+                            rate=a.counts_rate)
+                os.kill(spawned.pid, signal.SIGUSR2)
+                profiled.wait_for(path)
+                figures = r.as_dict()
+                figures.update(profiled.counts(path, r.requests, own))
+                rows.append(row(t, **figures))
+            finally:
+                ctx.stack.stop(spawned)
+    rows = reporting.aggregate(rows)
+    floor = next((r for r in rows if r["target"] == MINIMAL), None)
+    for r in rows:
+        if floor is not None and r is not floor:
+            for f in ("python_calls_per_request", "task_steps_per_request"):
+                if floor.get(f):
+                    r[f"{f}_vs_floor"] = r[f] / floor[f]
+    return result(
+        "Python calls and trio task steps per request",
+        f"A fresh process of each, under benchmarks/profiled.py (cProfile, switched on by a signal after an "
+        f"unmeasured run), wrk paced at {a.counts_rate:,.0f} req/s for {a.cpu_duration:g} s; per request wrk "
+        "counted: every call cProfile saw in the main thread (Python functions, C functions and methods, each "
+        "resumption of a coroutine), trio task steps, and the calls into the program's own code and into trio. "
+        "Counts, unlike times, hardly move with a noisy machine: compare two versions by these. The audit "
+        "writer's thread is not profiled.", rows, notes)
 
 
 def _check_cache_hit(target: Target, body: bytes) -> None:
@@ -445,6 +502,7 @@ RUNNERS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "stream": scenario_stream,
     "slow-streams": scenario_slow_streams,
     "cpu": scenario_cpu,
+    "counts": scenario_counts,
     "cache": scenario_cache,
     "full-stack": scenario_full_stack,
 }
@@ -502,6 +560,9 @@ def summary(ctx: Ctx, scenarios: dict[str, dict[str, Any]]) -> list[dict[str, An
             roles=t)
         add("idle RSS MB (fresh process)", "mb", "slow-streams", "idle_rss", {"streams": top}, roles=t)
     add(f"CPU us per request at {a.cpu_rate:,.0f} req/s", "us", "cpu", "cpu_us_per_request")
+    add(f"wake-ups per request at {a.cpu_rate:,.0f} req/s", "count", "cpu", "wakeups_per_request")
+    add("Python calls per request (cProfile)", "count", "counts", "python_calls_per_request", roles=t)
+    add("trio task steps per request", "count", "counts", "task_steps_per_request", roles=t)
     add("cache on: req/s, c=32", "int", "cache", "rps", {"connections": 32}, roles=t)
     add("cache on: added p50 ms, c=1", "+ms", "cache", "added_p50_ms", {"connections": 1}, roles=t)
     add("Redis + Postgres: req/s, c=32", "int", "full-stack", "rps", {"connections": 32}, roles=t)
@@ -560,7 +621,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--slow-ramp-per-s", type=float, default=200.0, help="slow-streams: new streams per second (default %(default)s)")
     r.add_argument("--slow-hold-s", type=float, default=10.0, help="slow-streams: seconds all are open together (default %(default)s)")
     r.add_argument("--cpu-rate", type=float, default=1000.0, help="cpu: paced req/s (default %(default)s)")
-    r.add_argument("--cpu-duration", type=float, default=10.0, help="cpu: seconds (default %(default)s)")
+    r.add_argument("--cpu-duration", type=float, default=10.0, help="cpu, counts: seconds (default %(default)s)")
+    r.add_argument("--counts-rate", type=float, default=500.0,
+                   help="counts: paced req/s, low enough for a profiled process (default %(default)s)")
     s = p.add_argument_group("processes")
     s.add_argument("--gateway-cpus", default="0", help="taskset CPU list for the spawned gateway (default %(default)s)")
     s.add_argument("--load-cpus", default="1", help="CPU list for wrk, this driver, the mock, Redis, Postgres (default %(default)s)")
@@ -594,7 +657,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.maxrate_steps, args.maxrate_step_s = 3, 1.0
         args.stream_n, args.stream_warmup = 20, 3
         args.slow_streams, args.slow_ramp_per_s, args.slow_hold_s = "50", 100.0, 2.0
-        args.cpu_rate, args.cpu_duration = 200.0, 1.0
+        args.cpu_rate, args.cpu_duration, args.counts_rate = 200.0, 1.0, 100.0
     else:
         args.stream_warmup = 20
     try:

@@ -28,7 +28,7 @@ from tests.support.redis import REDIS_SERVER
 REPO = Path(__file__).resolve().parents[2]
 MOCK_UPSTREAM = REPO / "benchmarks" / "mock_upstream.py"
 LISTENING = "mock upstream listening on "
-SCENARIOS = ("latency", "throughput", "maxrate", "stream", "slow-streams", "cpu", "cache", "full-stack")
+SCENARIOS = ("latency", "throughput", "maxrate", "stream", "slow-streams", "cpu", "counts", "cache", "full-stack")
 
 
 @pytest.fixture
@@ -143,7 +143,8 @@ def test_a_quick_suite_run_reports_every_scenario(tmp_path: Path) -> None:
     gateway_names = {"cache": "gwcore+cache", "full-stack": "gwcore+redis+pg"}
     for name, scenario in report["scenarios"].items():
         targets = {r["target"] for r in scenario["rows"]}
-        assert targets == {"upstream", gateway_names.get(name, "gwcore")}, (name, targets)
+        expected = {"gwcore"} if name == "counts" else {"upstream", gateway_names.get(name, "gwcore")}
+        assert targets == expected, (name, targets)  # counts: only what the suite starts is profiled
         for r in scenario["rows"]:
             assert not r.get("errors") and not r.get("failed"), (name, r)
 
@@ -174,6 +175,10 @@ def test_a_quick_suite_run_reports_every_scenario(tmp_path: Path) -> None:
         # may all fit in less than one.
         assert r["cpu_us_per_request"] >= 0 and r["requests"] > 0 and r["rps"] > 0, r
     assert rows("cpu")["gwcore"]["cpu_us_per_request"] > 0
+    assert rows("cpu")["gwcore"]["wakeups_per_request"] > 0
+    (counted,) = report["scenarios"]["counts"]["rows"]
+    assert counted["requests"] > 0 and counted["task_steps_per_request"] > 0, counted
+    assert counted["python_calls_per_request"] > counted["own_calls_per_request"] > 0, counted
     audit = " ".join(report["scenarios"]["full-stack"]["notes"])
     assert "audit rows in Postgres after the runs: " in audit and "could not count" not in audit, audit
     assert int(audit.split("after the runs: ")[1].split()[0]) > 0, audit
@@ -200,7 +205,7 @@ def test_the_minimal_proxy_floor_is_measured_beside_the_gateway(tmp_path: Path) 
     assert shutil.which("wrk"), "wrk is required for the benchmark suite (apt-get install wrk)"
     out = tmp_path / "report"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--minimal", "--scenarios", "latency,stream",
+        [sys.executable, "-m", "benchmarks", "--quick", "--minimal", "--scenarios", "latency,stream,counts",
          "--no-plot", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-6000:]}"
@@ -212,3 +217,12 @@ def test_the_minimal_proxy_floor_is_measured_beside_the_gateway(tmp_path: Path) 
     assert floor["rps"] > 0 and floor["added_p50_ms"] > 0 and not floor.get("errors"), floor
     s = stream["trio+h11 minimal"]
     assert s["rps"] > 0 and s["events"] == stream["upstream"]["events"] and not s.get("errors"), s
+    # Both profiled; the floor's own code is a 60-line proxy, the gateway's a pipeline
+    # that makes more calls.
+    counts = {r["target"]: r for r in report["scenarios"]["counts"]["rows"]}
+    assert counts.keys() == {"gwcore", "trio+h11 minimal"}
+    gw, fl = counts["gwcore"], counts["trio+h11 minimal"]
+    assert 0 < fl["own_calls_per_request"] < gw["own_calls_per_request"], (gw, fl)
+    assert gw["python_calls_per_request_vs_floor"] == gw["python_calls_per_request"] / fl["python_calls_per_request"]
+    assert "python_calls_per_request_vs_floor" not in fl and fl["task_steps_per_request"] > 0, fl
+    assert any("minimal_proxy.py" in where for where in fl["top_calls_per_request"]), fl
