@@ -55,27 +55,34 @@ def _bad_block(block: bytes, lines: int) -> bool:
 _names: dict[bytes, bool] = {}
 
 
+def _learn(headers: list[tuple[bytes, bytes]]) -> None:
+    """Check the names of ``headers`` not seen before and remember them: afterwards all
+    of them are known (at most 4096 names: the cache is emptied when they would not fit)."""
+    if len(_names) + len(headers) > 4096:
+        _names.clear()
+    for name, _ in headers:
+        if name not in _names:
+            if not _TOKEN.fullmatch(name):
+                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
+            _names[name] = name.lower() in FRAMING
+
+
 def split_fields(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """(the fields h11 must see, the other fields as "name: value\\r\\n" lines).
 
     Raises h11.LocalProtocolError, as h11 would, for a name that is not a token or a
-    value h11 would refuse."""
-    framing: list[tuple[bytes, bytes]] = []
-    lines: list[bytes] = []
+    value h11 would refuse.  (Comprehensions and subscripts rather than a loop of
+    ``get`` and ``append`` calls: this runs for every response and upstream request.)"""
     names = _names
-    for name, value in headers:
-        kind = names.get(name)
-        if kind is None:
-            if not _TOKEN.fullmatch(name):
-                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
-            if len(names) < 4096:
-                names[name] = kind = name.lower() in FRAMING
-            else:
-                kind = name.lower() in FRAMING
-        if kind:
-            framing.append((name, value))
-        else:
-            lines.append(b"%s: %s\r\n" % (name, value))
+    for name, _ in headers:
+        if name not in names:
+            _learn(headers)
+            break
+    framing = [field for field in headers if names[field[0]]]
+    # An empty value is written "name:" (h11 allows it; "name: " would read as a
+    # value with white space at its end).
+    lines = [b"%s: %s\r\n" % field if field[1] else b"%s:\r\n" % field[0]
+             for field in headers if not names[field[0]]]
     block = b"".join(lines)
     if block and _bad_block(block, len(lines)):
         raise h11.LocalProtocolError("Illegal header value")

@@ -75,8 +75,12 @@ class Metrics:
     def record(self, endpoint: str, model: str, provider: str, status: int, error: str,
                latency_s: float, ttft_s: float | None, prompt: int, completion: int,
                cost_pico: int | None = None) -> None:
-        model = self._model_label(model)
-        key = (endpoint, model, provider, status, self._error_label(error))
+        # Known labels inline: the helpers only for one not seen before.
+        if model not in self.model_labels:
+            model = self._model_label(model)
+        if error not in self.error_labels:
+            error = self._error_label(error)
+        key = (endpoint, model, provider, status, error)
         self.requests[key] = self.requests.get(key, 0) + 1
         h = self.latency.get(endpoint)
         if h is None:

@@ -265,9 +265,9 @@ class H1Connection:
         return self._h11.send(h11.EndOfMessage())  # type: ignore[return-value]
 
     def response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-        headers = headers + [(b"content-length", str(len(body)).encode())]
+        headers = headers + [(b"content-length", b"%d" % len(body))]
         return b"".join((self.response_head(status, headers), self.response_body(body),
-                         self.response_end()))
+                         self._h11.send(h11.EndOfMessage())))
 
     def error_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         """A response after a protocol error; the connection closes after it.

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import h11
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gwcore import _h11
 from gwcore.server.h1 import (END_OF_BODY, NEED_DATA, PAUSED, BodyChunk, H1Connection,
                               ProtocolError, RequestHead)
 
@@ -90,3 +93,55 @@ def test_streamed_response_is_chunked():
     assert conn.response_end() == b"0\r\n\r\n"
     assert conn.response_done and conn.keep_alive
     assert h11.DONE  # the states come from h11 itself
+
+
+# -- split_fields: the fields h11 sees and the lines written after its head -----------
+
+FIELD_NAMES = st.sampled_from([b"host", b"Content-Length", b"connection", b"x-a", b"X-B", b"server",
+                               b"bad name", b"", b"x\x00", b"transfer-encoding"])
+FIELD_VALUES = st.sampled_from([b"1", b"v w", b"", b" lead", b"trail ", b"a\rb", b"a\nb", b"\x01",
+                                b"\tx", b"ok\x7f", b"fine-value"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES), max_size=6))
+def test_split_fields_frames_what_h11_would_and_refuses_what_it_refuses(fields):
+    """h11 framing the whole list and h11 framing the framing fields plus our lines
+    agree: the same head bytes (up to the order of the fields), and what h11 refuses is
+    refused.  We refuse more: a control character in a value (RFC 9110 §5.5), which
+    h11 lets through."""
+    def h11_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+        conn = _h11.h11.Connection(_h11.h11.SERVER)
+        conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        conn.next_event()
+        return conn.send(_h11.h11.Response(status_code=200, headers=headers))
+
+    whole: bytes | None
+    try:
+        whole = h11_head(fields)
+    except _h11.h11.LocalProtocolError:
+        whole = None
+    try:
+        framing, block = _h11.split_fields(fields)
+        ours: bytes | None = _h11.with_fields(h11_head(framing), block)
+    except _h11.h11.LocalProtocolError:
+        ours = None
+    if whole is None:
+        assert ours is None, (fields, ours)
+    elif ours is None:
+        assert any(c < 0x20 and c != 0x09 or c == 0x7f for _, v in fields for c in v), (fields, whole)
+    else:  # an empty value is "name:" in ours, "name: " in h11's
+        def lines(head: bytes) -> list[bytes]:
+            return sorted(line.replace(b": ", b":", 1) for line in head.split(b"\r\n"))
+        assert lines(whole) == lines(ours)
+
+
+def test_split_fields_stays_right_when_its_name_cache_is_emptied(monkeypatch):
+    monkeypatch.setattr(_h11, "_names", {})
+    for i in range(5000):  # more names than the cache keeps: it is emptied on the way
+        fields = [(b"x-known", b"1"), (b"content-length", b"2"), (b"x-n%d" % i, b"v")]
+        framing, block = _h11.split_fields(fields)
+        assert framing == [(b"content-length", b"2")] and block == b"x-known: 1\r\nx-n%d: v\r\n" % i
+    assert len(_h11._names) <= 4096
+    with pytest.raises(_h11.h11.LocalProtocolError):
+        _h11.split_fields([(b"x-fresh", b"1"), (b"bad name", b"2")])
