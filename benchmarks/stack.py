@@ -89,18 +89,22 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def _status_field(path: str, name: str) -> int:
+    """The number after ``name:`` in a /proc status file (0 when the file is gone: the
+    process or thread ended meanwhile, or the field is not there)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its descendants (VmRSS), in bytes."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
+    return sum(_status_field(f"/proc/{p}/status", "VmRSS") for p in process_tree(pid)) * 1024
 
 
 def wakeups(pid: int) -> int:
@@ -112,15 +116,8 @@ def wakeups(pid: int) -> int:
             threads = os.listdir(f"/proc/{p}/task")
         except OSError:
             continue
-        for t in threads:
-            try:
-                status = Path(f"/proc/{p}/task/{t}/status").read_text()
-            except OSError:
-                continue  # the thread ended meanwhile
-            for line in status.splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-                    break
+        total += sum(_status_field(f"/proc/{p}/task/{t}/status", "voluntary_ctxt_switches")
+                     for t in threads)
     return total
 
 

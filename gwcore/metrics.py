@@ -54,17 +54,14 @@ class Metrics:
         self.error_labels: set[str] = set()
         self.model_labels: set[str] = set()
 
+    # The label for a model or error code not seen before (record checks the known ones).
     def _model_label(self, model: str) -> str:
-        if model in self.model_labels:
-            return model
         if len(self.model_labels) >= MAX_MODEL_LABELS:
             return "other"
         self.model_labels.add(model)
         return model
 
     def _error_label(self, error: str) -> str:
-        if error in self.error_labels:
-            return error
         if not _ERROR_CODE.match(error):
             return "invalid"
         if len(self.error_labels) >= MAX_ERROR_LABELS:
@@ -75,7 +72,6 @@ class Metrics:
     def record(self, endpoint: str, model: str, provider: str, status: int, error: str,
                latency_s: float, ttft_s: float | None, prompt: int, completion: int,
                cost_pico: int | None = None) -> None:
-        # Known labels inline: the helpers only for one not seen before.
         if model not in self.model_labels:
             model = self._model_label(model)
         if error not in self.error_labels:

@@ -267,7 +267,7 @@ class H1Connection:
     def response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         headers = headers + [(b"content-length", b"%d" % len(body))]
         return b"".join((self.response_head(status, headers), self.response_body(body),
-                         self._h11.send(h11.EndOfMessage())))
+                         self.response_end()))
 
     def error_response(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         """A response after a protocol error; the connection closes after it.
